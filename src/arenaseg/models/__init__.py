@@ -1,0 +1,1 @@
+"""Networks (MONAI Swin-UNETR) and checkpoint loading."""

@@ -1,0 +1,90 @@
+"""Our own foundation-model files: safetensors weights whose metadata carries the architecture, plus a card.
+
+A file is ``NAME.safetensors`` (tensors, and the ``ModelConfig`` as JSON in the header metadata) with
+``NAME.json`` (the model card: data, cases, steps, metrics) and ``NAME.md`` (the same card for people) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
+from arenaseg.utils.atomic import atomic_path, write_json, write_text
+
+CONFIG_KEY = "arenaseg_model_config"
+
+
+def save_foundation(path: str | Path, model: nn.Module, config: ModelConfig, card: dict | None = None) -> Path:
+    """Write weights (+ card JSON/Markdown when given) atomically; returns the .safetensors path."""
+    path = Path(path).with_suffix(".safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict())})
+    if card is not None:
+        write_json(path.with_suffix(".json"), card)
+        write_text(path.with_suffix(".md"), card_markdown(card))
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path}: not an arenaseg foundation file (no {CONFIG_KEY!r} in its safetensors metadata)")
+    return ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+
+
+def load_foundation(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Build the model its metadata describes and load the weights strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"foundation model file not found: {path}")
+    config = read_config(path)
+    model = build_swin_unetr(config)
+    state = load_file(str(path))
+    load_state_strict(model, state, source=str(path))
+    return model, config
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor or fail with the first missing, unexpected or mis-shaped key named."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(
+                f"shape mismatch at {k!r}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                f" ({len(bad_shape)} mismatching)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]!r}")
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def card_markdown(card: dict) -> str:
+    lines = [f"# {card.get('name', 'foundation model')}", ""]
+    for key, value in card.items():
+        if key == "name":
+            continue
+        if isinstance(value, dict):
+            lines.append(f"## {key}")
+            lines += [f"- {k}: {v}" for k, v in value.items()]
+            lines.append("")
+        else:
+            lines.append(f"- **{key}**: {value}")
+    return "\n".join(lines) + "\n"
