@@ -1,0 +1,99 @@
+"""Per-layer rank report of an adapted network: what each method spends, in ranks and in parameters.
+
+Every low-rank method is reported in the same terms so that tables compare like with like:
+
+- ``initial_rank``: the rank the layer was built with;
+- ``allocated_rank``: the rank its tensors have now (ARENA shrinks it when pruned; the others keep it);
+- ``active_rank``: the components that change the layer's function (ARENA: gates v != 0; AdaLoRA: its budgeted,
+  unmasked triplets; LoRA, DoRA, PiSSA: the fixed rank);
+- ``params``: the adapter parameters that the active components need (DoRA adds its magnitude vector).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from peft.tuners.adalora import AdaLoraLayer
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from arenaseg.adapters.arena import ArenaLayer
+
+PEFT_ADAPTER = "default"
+
+
+def _per_component(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """Parameters of one rank component: one row of A plus one column of B."""
+    return math.prod(a_shape[1:]) + b_shape[0]
+
+
+def _arena_entry(layer: ArenaLayer) -> dict:
+    active = layer.active_rank()
+    per = _per_component(tuple(layer.arena_A.shape), tuple(layer.arena_B.shape)) + 1  # + its gate v
+    return {
+        "kind": "arena",
+        "initial_rank": layer.initial_rank,
+        "allocated_rank": layer.arena_v.numel(),
+        "active_rank": active,
+        "params": active * per,
+    }
+
+
+def _adalora_entry(layer: AdaLoraLayer, budget: int | None) -> dict:
+    rank = layer.r[PEFT_ADAPTER]
+    active = rank if budget is None else budget
+    a, b = layer.lora_A[PEFT_ADAPTER], layer.lora_B[PEFT_ADAPTER]
+    per = _per_component(tuple(a.shape), tuple(b.shape)) + 1  # + its singular value E
+    return {"kind": "adalora", "initial_rank": rank, "allocated_rank": rank, "active_rank": active, "params": active * per}
+
+
+def _lora_entry(layer: LoraLayer) -> dict:
+    rank = layer.r[PEFT_ADAPTER]
+    a, b = layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight
+    params = a.numel() + b.numel()
+    dora = PEFT_ADAPTER in layer.lora_magnitude_vector
+    if dora:
+        params += layer.lora_magnitude_vector[PEFT_ADAPTER].weight.numel()
+    return {
+        "kind": "dora" if dora else "lora",
+        "initial_rank": rank,
+        "allocated_rank": rank,
+        "active_rank": rank,
+        "params": params,
+    }
+
+
+def rank_report(model: nn.Module, budgets: Mapping[str, int] | None = None) -> dict:
+    """``{"layers": {module name: entry}, "total": sums}`` for every ARENA or PEFT LoRA-family layer in ``model``.
+
+    ``budgets`` overrides the active rank per module name: AdaLoRA keeps its rank allocation in the tuner, not in
+    the layers (see ``AdaptedModel.rank_report``).
+    """
+    budgets = budgets or {}
+    layers: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ArenaLayer):
+            layers[name] = _arena_entry(module)
+        elif isinstance(module, AdaLoraLayer):  # before LoraLayer: AdaLoraLayer subclasses it
+            layers[name] = _adalora_entry(module, budgets.get(name))
+        elif isinstance(module, LoraLayer):
+            layers[name] = _lora_entry(module)
+    keys = ("initial_rank", "allocated_rank", "active_rank", "params")
+    total = {key: sum(entry[key] for entry in layers.values()) for key in keys}
+    return {"layers": layers, "total": {"layers": len(layers), **total}}
+
+
+def format_rank_table(report: dict) -> str:
+    """A fixed-width table of ``rank_report``'s output, one line per layer plus the totals."""
+    rows = [(name, e["kind"], e["initial_rank"], e["active_rank"], e["params"]) for name, e in report["layers"].items()]
+    total = report["total"]
+    rows.append((f"total ({total['layers']} layers)", "", total["initial_rank"], total["active_rank"], total["params"]))
+    width = max([len("layer"), *(len(r[0]) for r in rows)])
+    header = f"{'layer':<{width}}  {'kind':<7}  {'initial':>7}  {'active':>6}  {'params':>10}"
+    lines = [header, "-" * len(header)]
+    for i, (name, kind, initial, active, params) in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append("-" * len(header))
+        lines.append(f"{name:<{width}}  {kind:<7}  {initial:>7}  {active:>6}  {params:>10,}")
+    return "\n".join(lines)

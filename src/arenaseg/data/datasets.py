@@ -1,0 +1,121 @@
+"""Readers for the two public layouts our users hold: nnU-Net v2 raw folders and TotalSegmentator subjects.
+
+Both give a list of `Case` records; a target organ turns a case into a binary task without touching the files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Case:
+    """One CT volume and where its labels live.
+
+    nnU-Net cases have one multi-class ``label`` map; TotalSegmentator cases have one binary file per structure.
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+    structure_files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    """A folder of cases with a label map (organ name -> label value; 1 for per-structure binary files)."""
+
+    root: Path
+    layout: str
+    labels: dict[str, int]
+    cases: list[Case]
+    labels_present: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def organs(self) -> list[str]:
+        return [name for name in self.labels if name != "background"]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise ValueError(f"case {case_id!r} not in {self.root}; cases: {', '.join(self.case_ids[:10])} ...")
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    def check_organ(self, organ: str) -> str:
+        """Return the canonical organ name or raise listing the valid ones."""
+        if organ in self.labels and organ != "background":
+            return organ
+        alias = organ.lower().replace(" ", "_").replace("-", "_")
+        if alias in self.labels and alias != "background":
+            return alias
+        raise ValueError(f"organ {organ!r} is not in the label map of {self.root}; valid: {', '.join(self.organs)}")
+
+    def has_organ(self, case_id: str, organ: str) -> bool:
+        """Whether the case's label contains the organ (from dataset.json when listed, else read from the file)."""
+        if case_id in self.labels_present:
+            return organ in self.labels_present[case_id]
+        import nibabel as nib
+        import numpy as np
+
+        c = self.case(case_id)
+        if self.layout == "totalsegmentator":
+            path = c.structure_files.get(organ)
+            return path is not None and bool(np.asarray(nib.load(path).dataobj).any())
+        data = np.asarray(nib.load(c.label).dataobj)
+        present = {name for name, v in self.labels.items() if name != "background" and (data == v).any()}
+        self.labels_present[case_id] = present
+        return organ in present
+
+
+def open_dataset(root: str | Path) -> Dataset:
+    """Detect the layout of ``root`` and read it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if (root / "dataset.json").is_file():
+        return read_nnunet(root)
+    if any((p / "ct.nii.gz").is_file() for p in root.iterdir() if p.is_dir()):
+        return read_totalsegmentator(root)
+    raise ValueError(
+        f"{root} is neither an nnU-Net v2 raw folder (dataset.json, imagesTr/, labelsTr/) nor a TotalSegmentator folder "
+        "(SUBJECT/ct.nii.gz, SUBJECT/segmentations/*.nii.gz)"
+    )
+
+
+def read_nnunet(root: Path) -> Dataset:
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+        labels = {str(k): int(v) for k, v in meta["labels"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{root / 'dataset.json'} is not a valid nnU-Net dataset.json: {err}") from err
+    ending = meta.get("file_ending", ".nii.gz")
+    cases = []
+    for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
+        case_id = image.name[: -len(f"_0000{ending}")]
+        label = root / "labelsTr" / f"{case_id}{ending}"
+        cases.append(Case(case_id, image, label if label.is_file() else None))
+    if not cases:
+        raise ValueError(f"no images matching imagesTr/*_0000{ending} in {root}")
+    names = {v: k for k, v in labels.items()}
+    present = {
+        c["case"]: {names[v] for v in c.get("labels_present", []) if v in names}
+        for c in meta.get("cases", [])
+        if "labels_present" in c
+    }
+    return Dataset(root, "nnunet", labels, cases, present)
+
+
+def read_totalsegmentator(root: Path) -> Dataset:
+    cases, structures = [], set()
+    for subject in sorted(p for p in root.iterdir() if (p / "ct.nii.gz").is_file()):
+        files = {f.name[: -len(".nii.gz")]: f for f in sorted((subject / "segmentations").glob("*.nii.gz"))}
+        structures |= set(files)
+        cases.append(Case(subject.name, subject / "ct.nii.gz", None, files))
+    labels = {"background": 0} | {name: 1 for name in sorted(structures)}
+    return Dataset(root, "totalsegmentator", labels, cases)

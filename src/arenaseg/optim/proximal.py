@@ -1,0 +1,139 @@
+"""Block-coordinate optimizer for ARENA: an inner optimizer (AdamW) on A, B and the head, a proximal l1 step on v.
+
+Convention (the one place it is defined): the gates v form their own param group, flagged ``proximal: True``, with
+an ``lr`` that LR schedulers scale like any other group's, and ``lr0``, that group's lr when the optimizer was built.
+With eta_t = lr / lr0 (the schedule's current factor) each step is
+
+    v <- soft_threshold(v - rho*eta_t*grad_v, rho*eta_t*lam),
+
+the exact proximal-gradient step for L + lam*||v||_1 with step size rho*eta_t, so its fixed points are the
+minimisers of L + lam*||v||_1 whatever the schedule (a threshold eta_t*lam without rho would minimise
+L + (lam/rho)*||v||_1; the brief's v <- xi(v - rho*grad, eta_t*lam) is this step with rho folded into lam's scale).
+A zeroed entry comes back when |rho*eta_t*grad| exceeds the threshold; with ``freeze_pruned=True`` (default False)
+entries that were non-zero and then reached zero stay zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from arenaseg.adapters.arena import ArenaConfig, is_arena_v
+
+
+def soft_threshold(x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """sign(x) * max(|x| - tau, 0): the proximal map of tau*||.||_1."""
+    if (tau < 0).any() if isinstance(tau, torch.Tensor) else tau < 0:
+        raise ValueError(f"soft_threshold needs tau >= 0, got {tau}")
+    return torch.sign(x) * torch.relu(x.abs() - tau)
+
+
+class ProximalOptimizer(Optimizer):
+    """One optimizer object (so that any LR scheduler and checkpoint code work) over two blocks of parameters.
+
+    ``param_groups`` is the inner optimizer's groups (the same dicts, so schedulers reach them) followed by the
+    proximal group of the gates. ``inner`` is an optimizer class/factory called as ``inner(params, lr=lr)`` or an
+    optimizer already built on the ordinary parameters (then ``params`` must be empty). ``params`` may be empty when
+    only gates are trained.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        v_params: Iterable[torch.Tensor],
+        *,
+        lam: float,
+        rho: float,
+        lr: float = 1e-3,
+        freeze_pruned: bool = False,
+        inner: Optimizer | Callable[..., Optimizer] = torch.optim.AdamW,
+    ) -> None:
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0 (the schedule factor is lr / lr0), got {lr!r}")
+        params, v_params = list(params), list(v_params)
+        if not v_params:
+            raise ValueError("ProximalOptimizer needs at least one gate parameter v")
+        if isinstance(inner, Optimizer):
+            if params:
+                raise ValueError("give either params or an already built inner optimizer, not both")
+            self.inner: Optimizer | None = inner
+        else:
+            self.inner = inner(params, lr=lr) if params else None
+        inner_groups = self.inner.param_groups if self.inner is not None else []
+        v_group = {"params": v_params, "proximal": True, "lr": lr, "lr0": lr, "lam": lam, "rho": rho}
+        v_group["freeze_pruned"] = freeze_pruned
+        super().__init__([*inner_groups, v_group], defaults={"lr": lr})
+        for v in v_params:
+            self.state[v]["pruned"] = torch.zeros_like(v, dtype=torch.bool)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, config: ArenaConfig, lr: float = 1e-3, inner: Callable[..., Optimizer] = torch.optim.AdamW
+    ) -> ProximalOptimizer:
+        """Gates (``arena_v``) to the proximal step, every other trainable parameter to ``inner``."""
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        gates = [p for name, p in named if is_arena_v(name)]
+        if not gates:
+            raise ValueError(f"{type(model).__name__} has no trainable ARENA gates (arena_v): call apply_arena first")
+        others = [p for name, p in named if not is_arena_v(name)]
+        return cls(
+            others, gates, lam=config.lam, rho=config.rho, lr=lr, freeze_pruned=config.freeze_pruned, inner=inner
+        )
+
+    @property
+    def proximal_group(self) -> dict[str, Any]:
+        return self.param_groups[-1]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.inner is not None:
+            self.inner.step()
+        group = self.proximal_group
+        step_size = group["rho"] * group["lr"] / group["lr0"]
+        for v in group["params"]:
+            if v.grad is None:
+                continue
+            pruned = self.state[v]["pruned"]
+            new = soft_threshold(v - step_size * v.grad, step_size * group["lam"])
+            if group["freeze_pruned"]:
+                new.masked_fill_(pruned, 0)
+            pruned |= (v != 0) & (new == 0)
+            v.copy_(new)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        group = self.proximal_group
+        return {
+            "inner": self.inner.state_dict() if self.inner is not None else None,
+            "proximal_group": {k: val for k, val in group.items() if k != "params"},
+            "pruned": [self.state[v]["pruned"].clone() for v in group["params"]],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        expected = {"inner", "proximal_group", "pruned"}
+        if set(state_dict) != expected:
+            raise ValueError(f"not a ProximalOptimizer state_dict: keys {sorted(state_dict)}, expected {sorted(expected)}")
+        gates = self.proximal_group["params"]
+        if (state_dict["inner"] is None) != (self.inner is None) or len(state_dict["pruned"]) != len(gates):
+            raise ValueError("the saved ProximalOptimizer was built on a different set of parameters")
+        for v, pruned in zip(gates, state_dict["pruned"], strict=True):
+            if pruned.shape != v.shape:
+                raise ValueError(f"saved gate mask of shape {tuple(pruned.shape)} for a gate of shape {tuple(v.shape)}")
+        if self.inner is not None:
+            self.inner.load_state_dict(state_dict["inner"])
+        inner_groups = self.inner.param_groups if self.inner is not None else []
+        self.param_groups = [*inner_groups, {**state_dict["proximal_group"], "params": gates}]
+        for v, pruned in zip(gates, state_dict["pruned"], strict=True):
+            self.state[v]["pruned"] = pruned.to(device=v.device, dtype=torch.bool).clone()

@@ -1,0 +1,165 @@
+"""The adaptation training loop (one readable loop for every method).
+
+Batches depend only on (seed, step), trainable tensors and optimizer state are checkpointed atomically, so a
+killed run resumed from its checkpoint reaches exactly the tensors an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from tqdm import tqdm
+
+from arenaseg.data.sampling import PatchSampler
+from arenaseg.train.schedule import warmup_cosine
+from arenaseg.utils.atomic import atomic_path
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One global default for every method, organ and k (BENCHMARK.md forbids per-task tuning)."""
+
+    steps: int = 100
+    patches_per_step: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10
+    cross_entropy: bool = False
+    checkpoint_every: int = 25
+    stop_patience: int = 0
+    stop_min_delta: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "patches_per_step", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.stop_patience < 0 or self.stop_min_delta < 0:
+            raise ValueError("weight_decay, warmup_steps, stop_patience and stop_min_delta must be >= 0")
+
+
+class PlateauStop:
+    """Validation-free stopping: stop once the smoothed training loss has not improved by ``min_delta`` for
+    ``patience`` steps (there is no validation data in the few-shot setting). patience 0 disables it."""
+
+    def __init__(self, patience: int, min_delta: float, smoothing: float = 0.9) -> None:
+        self.patience, self.min_delta, self.smoothing = patience, min_delta, smoothing
+        self.ema: float | None = None
+        self.best = float("inf")
+        self.since_best = 0
+
+    def update(self, loss: float) -> bool:
+        self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
+        if self.ema < self.best - self.min_delta:
+            self.best, self.since_best = self.ema, 0
+        else:
+            self.since_best += 1
+        return self.patience > 0 and self.since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "best": self.best, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.best, self.since_best = state["ema"], state["best"], state["since_best"]
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    stopped_early: bool
+    final_loss: float
+    seconds_per_step: float
+
+
+def train_adapter(
+    adapted,
+    sampler: PatchSampler,
+    settings: TrainSettings,
+    checkpoint: Path,
+    status: Callable[[], dict] | None = None,
+) -> TrainResult:
+    """Run (or resume) the loop; ``adapted`` is an `arenaseg.adapters.AdaptedModel`, ``status`` adds progress-bar
+    fields (e.g. ARENA's total active rank)."""
+    model = adapted.model
+    device = next(model.parameters()).device
+    loss_fn = (
+        DiceCELoss(sigmoid=True, squared_pred=False)
+        if settings.cross_entropy
+        else DiceLoss(sigmoid=True, squared_pred=False)
+    )
+    optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay)
+    scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
+    stopper = PlateauStop(settings.stop_patience, settings.stop_min_delta)
+    start, step_times, loss_value, stopped = 0, [], float("nan"), False
+    if checkpoint.exists():
+        start, loss_value = _load_checkpoint(checkpoint, adapted, optimizer, scheduler, stopper, settings)
+    model.train()
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"adapt {adapted.method}")
+    for step in bar:
+        t0 = time.perf_counter()
+        images, labels = sampler.batch(step)
+        loss = adapted.training_loss(images.to(device), labels.to(device), loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        adapted.after_optimizer_step(step)
+        scheduler.step()
+        step_times.append(time.perf_counter() - t0)
+        loss_value = loss.item()
+        stopped = stopper.update(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.3f}", **(status() if status else {}))
+        done = step + 1
+        if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
+            _save_checkpoint(checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped)
+        if stopped:
+            bar.write(f"stopping at step {done}: training loss plateaued for {settings.stop_patience} steps")
+            break
+    return TrainResult(
+        steps_done=(step + 1) if step_times else start,
+        stopped_early=stopped,
+        final_loss=loss_value,
+        seconds_per_step=statistics.median(step_times) if step_times else float("nan"),
+    )
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped) -> None:
+    state = {
+        "trainable": trainable_tensors(adapted.model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stopper": stopper.state_dict(),
+        "settings": asdict(settings),
+        "step": step if not stopped else settings.steps,
+        "loss": loss,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["settings"] != asdict(settings):
+        raise ValueError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
+    params = dict(adapted.model.named_parameters())
+    missing = sorted(set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
+    if missing:
+        raise ValueError(f"{path} does not fit this model's trainable tensors, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["stopper"])
+    return state["step"], state["loss"]

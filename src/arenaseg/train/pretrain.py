@@ -1,0 +1,247 @@
+"""Supervised multi-organ pretraining of a Swin-UNETR foundation model (one process, or many under torchrun).
+
+Batches depend only on (seed, step, rank), so `--resume` after a kill reaches the same weights; only rank 0
+writes files, always atomically.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from arenaseg.data.datasets import Dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, preprocessed_dataset
+from arenaseg.data.sampling import PatchSampler
+from arenaseg.models.foundation import save_foundation
+from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
+from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from arenaseg.train.schedule import warmup_cosine
+from arenaseg.utils.atomic import atomic_path
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    steps: int = 1500
+    patches_per_step: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    feature_size: int = 12
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "patches_per_step", "checkpoint_every", "feature_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0, weight_decay and warmup_steps >= 0")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:
+    """organ -> class index 1..n; every organ must exist in the label map and in at least one case."""
+    names = [data.check_organ(o) for o in organs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"organ list has duplicates: {organs}")
+    return {name: i + 1 for i, name in enumerate(names)}
+
+
+def load_volumes(
+    data: Dataset, case_ids: Sequence[str], classes: dict[str, int], settings: PreprocessSettings, cache_dir
+) -> list[dict]:
+    mapping = {data.labels[o]: c for o, c in classes.items()} if data.layout == "nnunet" else None
+    items = [case_item(data.case(cid), classes) for cid in case_ids]
+    cached = preprocessed_dataset(items, settings, mapping, cache_dir)
+    return [cached[i] for i in tqdm(range(len(items)), desc="preprocess", leave=False)]
+
+
+def pretrain(
+    data: Dataset,
+    train_cases: Sequence[str],
+    organs: Sequence[str],
+    out: str | Path,
+    settings: PretrainSettings = PretrainSettings(),
+    preprocess: PreprocessSettings = PreprocessSettings(),
+    eval_cases: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+    command: str = "",
+) -> Path | None:
+    """Train, checkpoint, and write ``out``.safetensors + card; returns the weights path on rank 0."""
+    dist_info = init_distributed()
+    try:
+        return _pretrain(
+            dist_info,
+            data,
+            train_cases,
+            organs,
+            Path(out),
+            settings,
+            preprocess,
+            eval_cases,
+            cache_dir,
+            resume,
+            command,
+        )
+    finally:
+        shutdown(dist_info)
+
+
+def _pretrain(
+    dist_info: DistInfo,
+    data,
+    train_cases,
+    organs,
+    out,
+    settings,
+    preprocess,
+    eval_cases,
+    cache_dir,
+    resume,
+    command,
+):
+    classes = label_classes(data, organs)
+    absent = [o for o in classes if not any(data.has_organ(c, o) for c in train_cases)]
+    if absent:
+        raise ValueError(f"organs {absent} are absent from every training case")
+    weights, state_path = out.with_suffix(".safetensors"), out.with_suffix(".state.pt")
+    if weights.exists() and not resume:
+        raise FileExistsError(f"{weights} exists: choose another --out or delete it")
+    if state_path.exists() and not resume:
+        raise FileExistsError(f"{state_path} holds an unfinished run: add --resume to continue it")
+    device = (
+        torch.device("cuda", dist_info.rank % torch.cuda.device_count())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    torch.manual_seed(settings.seed)
+    config = ModelConfig(
+        out_channels=len(classes) + 1,
+        feature_size=settings.feature_size,
+        class_names=("background", *classes),
+    )
+    model = build_swin_unetr(config).to(device)
+    volumes = load_volumes(data, train_cases, classes, preprocess, cache_dir)
+    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
+    start = 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"{state_path} was written with other settings {state['settings']}; cannot resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    t0 = time.time()
+    bar = tqdm(
+        range(start, settings.steps),
+        initial=start,
+        total=settings.steps,
+        desc="pretrain",
+        disable=not dist_info.is_main,
+    )
+    for step in bar:
+        images, labels = sampler.batch(step, dist_info.rank)
+        loss = loss_fn(net(images.to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        done = step + 1
+        if dist_info.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": done,
+                "settings": asdict(settings),
+            }
+            with atomic_path(state_path) as tmp:
+                torch.save(state, tmp)
+    train_seconds = time.time() - t0
+    barrier(dist_info)
+    if not dist_info.is_main:
+        return None
+    card = {
+        "name": out.name,
+        "architecture": config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": str(data.root),
+        "train_cases": list(train_cases),
+        "classes": ["background", *classes],
+        "preprocessing": preprocess.to_dict(),
+        "settings": asdict(settings),
+        "processes": dist_info.world_size,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "device": device_name(device),
+        "git_commit": git_commit(),
+        "command": command,
+    }
+    if eval_cases:
+        card["eval"] = evaluate_classes(model, data, eval_cases, classes, preprocess)
+    path = save_foundation(out, model, config, card)
+    state_path.unlink(missing_ok=True)
+    return path
+
+
+def evaluate_classes(model, data: Dataset, case_ids: Sequence[str], classes: dict[str, int], preprocess) -> dict:
+    """Per-class Dice (%) and HD95 (mm) on the cases' original grids, plus the mean Dice over classes."""
+    import nibabel as nib
+    import numpy as np
+
+    from arenaseg.evaluate.inference import predict_volume
+    from arenaseg.evaluate.metrics import case_metrics
+
+    per_class: dict[str, list[float]] = {o: [] for o in classes}
+    per_case = {}
+    for cid in tqdm(case_ids, desc="evaluate", leave=False):
+        case = data.case(cid)
+        pred = predict_volume(model, case.image, preprocess, head="softmax")
+        ref_img = nib.load(str(case.label))
+        ref = np.asarray(ref_img.dataobj)
+        spacing = ref_img.header.get_zooms()[:3]
+        per_case[cid] = {}
+        for organ, c in classes.items():
+            m = case_metrics(pred == c, ref == data.labels[organ], spacing)
+            per_case[cid][organ] = m
+            per_class[organ].append(m["dice"])
+    mean_per_class = {o: round(float(np.mean(v)), 2) for o, v in per_class.items()}
+    return {
+        "cases": list(case_ids),
+        "dice_per_class": mean_per_class,
+        "mean_dice": round(float(np.mean(list(mean_per_class.values()))), 2),
+        "per_case": per_case,
+    }
