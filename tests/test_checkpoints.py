@@ -1,5 +1,5 @@
-"""Public checkpoint layouts and built-in models: each layout, written as its publisher wrote it, must load into
-our model and compute exactly what the source model computes; bad files must fail with a clear message."""
+"""Public checkpoint layouts and built-in models: each layout, written as its publisher wrote it, must load
+into our model and compute exactly what the source model computes; bad files must fail with a clear message."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def tiny(out_channels: int, legacy: bool = True) -> ModelConfig:
 def source_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_swin_unetr(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones (the test machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def ssl_file(model) -> dict:
 
 
 def clip_file(model) -> dict:
-    """Universal Model: the SwinUNETR (no out head) as module.backbone, plus its text-conditioned head modules."""
+    """Universal Model: SwinUNETR without its out head as module.backbone, plus the text-conditioned head."""
     backbone = {"module.backbone." + k: v for k, v in model.state_dict().items() if not k.startswith("out.")}
     return {"net": backbone | extras(CLIP_EXTRAS), "epoch": 2100}
 
@@ -252,17 +261,13 @@ def test_detection_and_mapping_on_states_without_files(btcv_src):
 
 
 def test_unknown_model_name_lists_builtins_and_accepts_paths():
-    with pytest.raises(
-        ValueError, match=r"'nope' is neither a built-in model \(btcv-fs, phantom-demo\).*path"
-    ):
+    with pytest.raises(ValueError, match=r"'nope' is neither a built-in model \(btcv-fs, phantom-demo\).*path"):
         load_model("nope")
 
 
 def test_builtin_models_load_from_the_package_folder(monkeypatch, btcv_src, tmp_path):
     monkeypatch.setattr(registry, "BUILTIN_DIR", tmp_path)
-    with pytest.raises(
-        FileNotFoundError, match=f"built-in model 'phantom-demo' is not installed: {tmp_path}"
-    ):
+    with pytest.raises(FileNotFoundError, match=f"built-in model 'phantom-demo' is not installed: {tmp_path}"):
         load_model("phantom-demo")
     model = btcv_src[0]
     save_foundation(tmp_path / "phantom-demo", model, tiny(len(BTCV_CLASSES)), card={"name": "phantom-demo"})

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -53,7 +54,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     data = open_dataset(args.data)
     if "btcv-fs" in (args.cases, args.organs, args.eval_cases):
         from arenaseg.data.splits import BASE_ORGANS, BTCV_FS
-    cases = BTCV_FS.pretrain if args.cases == "btcv-fs" else _csv(args.cases)
+    cases = BTCV_FS.pretrain if args.cases == "btcv-fs" else data.case_ids if args.cases == "all" else _csv(args.cases)
     eval_cases = (
         () if args.eval_cases == "none" else BTCV_FS.test if args.eval_cases == "btcv-fs" else _csv(args.eval_cases)
     )
@@ -68,6 +69,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         feature_size=args.feature_size,
+        save_dtype=args.save_dtype,
     )
     path = pretrain(
         data,
@@ -86,6 +88,103 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace):
+    from arenaseg.train.loop import TrainSettings
+
+    return TrainSettings(
+        steps=args.steps,
+        patches_per_step=args.patches_per_step,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup,
+        cross_entropy=args.cross_entropy,
+        checkpoint_every=args.checkpoint_every,
+        stop_patience=args.stop_patience,
+        seed=args.seed,
+    )
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from arenaseg.pipeline import AdaptJob, run_adapt
+
+    if args.test_cases in ("auto", "none"):
+        tests: str | list[str] = args.test_cases
+    else:
+        tests = _csv(args.test_cases)
+    job = AdaptJob(
+        data=args.data,
+        organ=args.organ,
+        shots=args.shots,
+        seed=args.seed,
+        method=args.method,
+        out=args.out,
+        model=args.model,
+        rank=args.rank,
+        lam=args.lam,
+        test_cases=tests,
+        train=_train_settings(args),
+        preprocess=_preprocess(args),
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+    record = run_adapt(job)
+    print(f"support cases: {', '.join(record['support_cases'])}")
+    print(f"trainable parameters: {record['trainable_params']:,}; {record['seconds_per_step']:.2f} s/step")
+    if "active_rank_total" in record:
+        print(f"ARENA total active rank: {record['active_rank_total']}")
+    if "mean_dice" in record:
+        print(
+            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm on {len(record['test_cases'])} test cases"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from arenaseg.pipeline import run_predict
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise FileNotFoundError(f"input not found: {src}")
+    if src.is_dir():
+        inputs = _nifti_files(src)
+        if not inputs:
+            raise ValueError(f"no .nii/.nii.gz files in {src}")
+        outputs = [dst / p.name.replace("_0000.nii", ".nii") for p in inputs]
+    else:
+        inputs, outputs = [src], [dst]
+    for path in run_predict(args.run, inputs, outputs):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from arenaseg.pipeline import evaluate_files
+
+    pred, ref = Path(args.pred), Path(args.ref)
+    metrics = evaluate_files(pred, ref, args.organ, Path(args.out) if args.out else None)
+    for cid, m in metrics["cases"].items():
+        print(f"{cid}: Dice {m['dice']:.2f}%  HD95 {m['hd95']:.2f} mm")
+    print(f"mean: Dice {metrics['mean_dice']:.2f}%  HD95 {metrics['mean_hd95']:.2f} mm")
+    return 0
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from arenaseg.data.phantom import make_phantom_dataset
+
+    shape = tuple(int(v) for v in _csv(args.shape))
+    if len(shape) != 3:
+        raise ValueError(f"--shape needs three comma-separated sizes, got {args.shape!r}")
+    path = make_phantom_dataset(args.out, n_cases=args.n_cases, seed=args.seed, shape=shape)
+    print(f"wrote {args.n_cases} phantom cases to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cases",
         default="btcv-fs",
-        help="comma-separated training case ids, or btcv-fs for its 15 pretrain cases (default: %(default)s)",
+        help="comma-separated training case ids, all, or btcv-fs for its 15 pretrain cases (default: %(default)s)",
     )
     p.add_argument(
         "--organs",
@@ -138,8 +237,99 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed for initialisation and patch sampling (default: %(default)s)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt (default: off)")
+    p.add_argument(
+        "--save-dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the stored weights; float16 halves the file, loading casts back (default: %(default)s)",
+    )
     _add_preprocess_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    from arenaseg.adapters import METHODS
+    from arenaseg.train.loop import TrainSettings
+
+    t = TrainSettings()
+    p = sub.add_parser("adapt", help="adapt a foundation model to one organ from k labelled scans")
+    p.add_argument("--data", required=True, help="nnU-Net v2 raw folder or TotalSegmentator folder")
+    p.add_argument("--organ", required=True, help="target organ name as in the dataset's label map")
+    p.add_argument("--shots", type=int, required=True, help="k: number of labelled support scans")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the support draw, initialisation and patches (default: %(default)s)",
+    )
+    p.add_argument("--method", default="arena", choices=METHODS, help="adaptation method (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=16, help="initial rank of low-rank methods (default: %(default)s)")
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="ARENA l1 weight lambda (default: ArenaConfig's documented global default)",
+    )
+    p.add_argument("--steps", type=int, default=t.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument(
+        "--patches-per-step", type=int, default=t.patches_per_step, help="patches per step (default: %(default)s)"
+    )
+    p.add_argument("--lr", type=float, default=t.lr, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument(
+        "--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=t.warmup_steps, help="warm-up steps before cosine decay (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cross-entropy", action="store_true", help="add binary cross-entropy to the Dice loss (default: Dice only)"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=t.checkpoint_every,
+        help="steps between resume checkpoints (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stop-patience",
+        type=int,
+        default=t.stop_patience,
+        help="stop when the smoothed training loss has not improved for this many steps; 0 = off (default: %(default)s)",
+    )
+    p.add_argument("--model", default="btcv-fs", help="built-in model name or checkpoint path (default: %(default)s)")
+    p.add_argument(
+        "--test-cases",
+        default="auto",
+        help="auto (the dataset's benchmark test split, if any), none, or comma-separated ids (default: %(default)s)",
+    )
+    p.add_argument("--out", required=True, help="run folder to write (run.json, adapter, metrics.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (default: refuse)")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out (default: refuse)")
+    _add_preprocess_args(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("predict", help="segment new scans with an adapted run")
+    p.add_argument("--run", required=True, help="finished run folder from `arenaseg adapt`")
+    p.add_argument("--input", required=True, help="image .nii.gz, or a folder of them")
+    p.add_argument("--output", required=True, help="output .nii.gz (or folder when --input is a folder)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references, on the references' grid")
+    p.add_argument("--pred", required=True, help="predicted mask .nii.gz, or a folder of them")
+    p.add_argument("--ref", required=True, help="reference label .nii.gz, or a folder with files of the same names")
+    p.add_argument(
+        "--organ",
+        default=None,
+        help="organ to pick from a multi-class reference (via the dataset.json next to it); default: any non-zero label",
+    )
+    p.add_argument("--out", default=None, help="metrics.json to write (default: metrics.json beside --pred)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("phantoms", help="write a synthetic CT phantom cohort (nnU-Net layout) for demos and tests")
+    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    p.add_argument("--n-cases", type=int, default=12, help="number of cases (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default: %(default)s)")
+    p.add_argument("--shape", default="96,96,64", help="volume shape in voxels at 3 mm (default: %(default)s)")
+    p.set_defaults(func=cmd_phantoms)
     return parser
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from arenaseg.data.datasets import Dataset, open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
 from arenaseg.data.sampling import PatchSampler
-from arenaseg.data.splits import BTCV_FS, draw_support
+from arenaseg.data.splits import BTCV_FS, SupportDraw, draw_support
 from arenaseg.evaluate.inference import predict_volume, write_like
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
@@ -46,6 +46,7 @@ class AdaptJob:
     rank: int = 16
     lam: float | None = None
     test_cases: str | list[str] = "auto"
+    support_cases: list[str] | None = None  # explicit support set (e.g. FSEFT lists) instead of a seeded draw
     train: TrainSettings = field(default_factory=TrainSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     cache_dir: str | None = None
@@ -120,8 +121,14 @@ def run_adapt(job: AdaptJob) -> dict:
     if job.shots <= 0:
         raise ValueError(f"--shots must be >= 1, got {job.shots}")
     tests = resolve_test_cases(data, job.test_cases)
-    pool = support_pool(data, tests)
-    draw = draw_support(pool, lambda c: data.has_organ(c, organ), job.shots, job.seed, organ=organ)
+    if job.support_cases is not None:
+        overlap = sorted(set(job.support_cases) & set(tests))
+        if overlap:
+            raise ValueError(f"support cases {overlap} are also test cases")
+        draw = SupportDraw(tuple(data.case(c).case_id for c in job.support_cases))
+    else:
+        pool = support_pool(data, tests)
+        draw = draw_support(pool, lambda c: data.has_organ(c, organ), job.shots, job.seed, organ=organ)
     if draw.note:
         print(f"note: {draw.note}")
     prepare_run_dir(out, job.overwrite, job.resume)
@@ -135,7 +142,7 @@ def run_adapt(job: AdaptJob) -> dict:
     cached = preprocessed_dataset(
         [case_item(data.case(c), label_values) for c in draw.cases], job.preprocess, mapping, job.cache_dir
     )
-    volumes = [cached[i] for i in range(len(draw.cases))]
+    volumes = load_all(cached)
     sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
 
     t0 = time.time()
@@ -250,3 +257,48 @@ def run_predict(run_dir: str | Path, inputs: Sequence[Path], outputs: Sequence[P
         labels = predict_volume(adapted.model, src, preprocess, head="sigmoid")
         written.append(write_like(src, labels, dst))
     return written
+
+
+def _label_value(ref: Path, organ: str) -> int:
+    """The organ's value in a multi-class reference, from the dataset.json of the folder it belongs to."""
+    import json
+
+    for folder in (ref.parent, ref.parent.parent):
+        meta = folder / "dataset.json"
+        if meta.is_file():
+            labels = json.loads(meta.read_text())["labels"]
+            if organ not in labels or organ == "background":
+                valid = ", ".join(k for k in labels if k != "background")
+                raise ValueError(f"organ {organ!r} not in {meta}; valid: {valid}")
+            return int(labels[organ])
+    raise FileNotFoundError(f"--organ needs a dataset.json beside {ref} or one folder up to map the organ to a label")
+
+
+def evaluate_files(pred: Path, ref: Path, organ: str | None, out: Path | None) -> dict:
+    """Metrics of prediction file(s) against reference file(s) on the reference grid; writes metrics.json."""
+    for path in (pred, ref):
+        if not path.exists():
+            raise FileNotFoundError(f"not found: {path}")
+    if pred.is_dir() != ref.is_dir():
+        raise ValueError("--pred and --ref must both be files or both be folders")
+    if pred.is_dir():
+        names = sorted(p.name for p in pred.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        missing = [n for n in names if not (ref / n).is_file()]
+        if not names or missing:
+            raise ValueError(f"references missing in {ref} for {missing[:5] or 'every prediction (none found)'}")
+        pairs = [(pred / n, ref / n) for n in names]
+    else:
+        pairs = [(pred, ref)]
+    cases = {}
+    for p, r in pairs:
+        ref_img, pred_img = nib.load(str(r)), nib.load(str(p))
+        if pred_img.shape != ref_img.shape:
+            raise ValueError(f"{p} has shape {pred_img.shape}, reference {r} has {ref_img.shape}")
+        ref_arr = np.asarray(ref_img.dataobj)
+        ref_mask = ref_arr == _label_value(r, organ) if organ else ref_arr > 0
+        spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+        cases[r.name.split(".nii")[0]] = case_metrics(np.asarray(pred_img.dataobj) > 0, ref_mask, spacing)
+    metrics = summarise(cases)
+    target = out or (pred if pred.is_dir() else pred.parent) / METRICS_FILE
+    write_json(target, metrics)
+    return metrics

@@ -2,8 +2,8 @@
 
 Scaling convention (the one place it is defined): s = ``ArenaConfig.alpha``, NOT alpha / r as in LoRA. The gate v
 carries each component's magnitude, so the penalty lam * ||v||_1 prices one unit of a component identically whatever
-the initial rank; that is what makes ARENA robust to over-ranking (a larger r only offers more candidate
-components, it does not rescale the ones that survive).
+the initial rank (A and B start with unit rows / columns); that is what makes ARENA robust to over-ranking: a larger
+r only offers more candidate components, it does not rescale the ones that survive.
 
 Parameter naming: every adapted module keeps its original weights under ``<module>.base_layer.{weight,bias}`` and
 holds three plain parameters ``<module>.arena_A``, ``<module>.arena_B`` and ``<module>.arena_v`` (no submodules,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,14 @@ class ArenaConfig:
     """Where ARENA goes and how it is regularised.
 
     ``lam`` and ``rho`` are the project's one global default (the lead may retune them): the proximal step on v is
-    v <- soft_threshold(v - rho*eta_t*grad, rho*eta_t*lam) (see ``arenaseg.optim.proximal``). rho = 1e-2 keeps a
-    plain gradient step on v of the order of AdamW's per-entry step on A and B (lr 1e-3) for Dice-loss gradients of
-    order 0.1; lam = 1e-3 keeps a component only while it lowers the loss by more than 1e-3 per unit of magnitude.
+    v <- soft_threshold(v - rho*eta_t*grad, rho*eta_t*lam) (see ``arenaseg.optim.proximal``), so a component is
+    recruited from v = 0, and stays active, only while |dL/dv_i| > lam: lam is a loss decrease per unit of component
+    magnitude. lam = 1e-3 is small against Dice-loss gradients (the loss lies in [0, 1]) so that few-shot training
+    can recruit components, and rho = 1e-2 keeps the plain gradient step on v at the order of AdamW's per-entry step
+    on A and B (lr ~1e-3) for gradients of order 0.1. With these values, the rank-3 test problem of
+    ``tests/test_arena_layers.py`` (target scaled so that its random-direction gradients are ~lam) ends at rank 3.
     ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
-    step is a true proximal step, so a pruned component can come back when its gradient is strong enough.
+    step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
     """
 
     rank: int = 16
@@ -92,12 +96,16 @@ def is_arena_v(name: str) -> bool:
     return name == "arena_v" or name.endswith(".arena_v")
 
 
-class ArenaLayer(nn.Module):
-    """A frozen ``base_layer`` plus s * B diag(v) A; subclasses say how A and B act on inputs and what merging builds."""
+class ArenaLayer(nn.Module, ABC):
+    """A frozen ``base_layer`` plus s * B diag(v) A; subclasses say how A and B act and what merging builds."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.check_supported(base_layer)
+        if not isinstance(self, LAYER_TYPES[type(base_layer)]):
+            raise ValueError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}; use apply_arena")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"ARENA rank must be an integer >= 1, got {rank!r}")
         self.base_layer = base_layer.requires_grad_(False)
         self.initial_rank = rank
         self.scaling = alpha
@@ -110,29 +118,27 @@ class ArenaLayer(nn.Module):
         # exactly the base function at init, yet v gets a gradient at step 0 (a LoRA-style B = 0 would leave v's
         # gradient zero), and A, B get theirs as soon as the first step has moved v.
         with torch.no_grad():
-            nn.init.orthogonal_(self.arena_A.view(rank, -1))
-            nn.init.orthogonal_(self.arena_B.view(m, rank))
+            nn.init.orthogonal_(self.arena_A.flatten(1))
+            nn.init.orthogonal_(self.arena_B.flatten(1))
 
     @staticmethod
     def check_supported(module: nn.Module) -> None:
         """Raise ValueError unless ``module`` is a layer ARENA can wrap (``apply_arena`` calls it before any change)."""
         if isinstance(module, ArenaLayer) or type(module) not in LAYER_TYPES:
-            raise ValueError(
-                f"ARENA wraps plain nn.Linear and nn.Conv3d (groups=1) only, got {type(module).__name__}"
-            )
+            raise ValueError(f"ARENA wraps plain nn.Linear and nn.Conv3d (groups=1) only, got {type(module).__name__}")
         if isinstance(module, nn.Conv3d) and module.groups != 1:
             raise ValueError(f"ARENA supports Conv3d with groups=1 only, got groups={module.groups}")
 
     def active_rank(self) -> int:
         return int(torch.count_nonzero(self.arena_v.detach()))
 
+    @abstractmethod
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         """B(v * A(x)) without materialising the dense delta."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _plain_layer(self) -> nn.Module:
         """A fresh layer of the base's type and configuration (weights to be filled by ``merged_module``)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -142,8 +148,7 @@ class ArenaLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s * B diag(v) A in the base weight's shape (for merging and export, never used in forward)."""
-        m, r = self.arena_B.shape[:2]
-        delta = (self.arena_B.reshape(m, r) * self.arena_v) @ self.arena_A.reshape(r, -1)
+        delta = (self.arena_B.flatten(1) * self.arena_v) @ self.arena_A.flatten(1)
         return self.scaling * delta.reshape(self.base_layer.weight.shape)
 
     @torch.no_grad()

@@ -12,8 +12,8 @@ Policies shared by all methods, so that comparisons differ only in the method:
 - the output head (``HEAD_NAME``, replaced by the caller with the task's head beforehand) is trained by every
   method unless ``train_head=False`` (which ``lp`` forbids); adapters may not target it;
 - the low-rank methods adapt ``target_modules`` (default: the Swin blocks' qkv/proj/mlp linears) and keep every
-  other weight frozen, decoder included: the few-shot regime cannot afford the decoder's convolutions, and the
-  comparison is then about the encoder adapters alone;
+  other weight frozen, decoder included: its full convolutions would outnumber the adapters' parameters many times
+  over (and overfit 1-10 scans), and the comparison would no longer be about the adapters;
 - scaling: ``alpha`` is LoRA's ``lora_alpha`` and defaults to ``rank`` (LoRA/DoRA/PiSSA/AdaLoRA scaling
   lora_alpha / r = 1). ARENA's scaling s is not divided by the rank (see ``arena.py``), so it gets
   s = alpha / rank: both start from the same effective scale, and ARENA's stays fixed while it prunes.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +39,6 @@ from arenaseg.optim import proximal
 
 METHODS = ("arena", "lora", "adalora", "dora", "pissa", "fft", "lp", "bitfit", "affine-ln")
 LOW_RANK_METHODS = ("arena", *peft_baselines.PEFT_METHODS)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ class AdaptedModel:
         params = [p for p in self.network.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: peft_baselines.LossFn) -> torch.Tensor:
         """The method's training objective: ``loss_fn(logits, labels)``, plus for AdaLoRA PEFT's orthogonality term.
 
         ARENA's lam * ||v||_1 is not added here: the proximal step of its optimizer handles it exactly.
@@ -248,7 +246,9 @@ def resolve_targets(model: nn.Module, target_modules: str | Sequence[str]) -> li
     if isinstance(target_modules, str):
         names = [n for n, _ in model.named_modules() if n and re.fullmatch(target_modules, n)]
     else:
-        names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in target_modules)]
+        names = [
+            n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in target_modules)
+        ]
     if not names:
         examples = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d))][:8]
         raise ValueError(

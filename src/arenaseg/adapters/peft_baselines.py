@@ -63,7 +63,9 @@ class WithLossOutput(nn.Module):
         logits = self.net(images)
         if loss_fn is None:
             return logits
-        return LossOutput(logits=logits, loss=loss_fn(logits, labels))
+        # PEFT adds its term in place (``outputs.loss += ...``): give it a copy, so that the tensor loss_fn returned
+        # (which its last op may have saved for backward, or the caller may hold) is never modified.
+        return LossOutput(logits=logits, loss=loss_fn(logits, labels).clone())
 
 
 def peft_config(method: str, options: AdaptOptions, targets: Sequence[str]) -> LoraConfig | AdaLoraConfig:

@@ -45,7 +45,13 @@ def _adalora_entry(layer: AdaLoraLayer, budget: int | None) -> dict:
     active = rank if budget is None else budget
     a, b = layer.lora_A[PEFT_ADAPTER], layer.lora_B[PEFT_ADAPTER]
     per = _per_component(tuple(a.shape), tuple(b.shape)) + 1  # + its singular value E
-    return {"kind": "adalora", "initial_rank": rank, "allocated_rank": rank, "active_rank": active, "params": active * per}
+    return {
+        "kind": "adalora",
+        "initial_rank": rank,
+        "allocated_rank": rank,
+        "active_rank": active,
+        "params": active * per,
+    }
 
 
 def _lora_entry(layer: LoraLayer) -> dict:
@@ -65,7 +71,7 @@ def _lora_entry(layer: LoraLayer) -> dict:
 
 
 def rank_report(model: nn.Module, budgets: Mapping[str, int] | None = None) -> dict:
-    """``{"layers": {module name: entry}, "total": sums}`` for every ARENA or PEFT LoRA-family layer in ``model``.
+    """``{"layers": {module name: entry}, "totals": sums}`` for every ARENA or PEFT LoRA-family layer in ``model``.
 
     ``budgets`` overrides the active rank per module name: AdaLoRA keeps its rank allocation in the tuner, not in
     the layers (see ``AdaptedModel.rank_report``).
@@ -80,15 +86,17 @@ def rank_report(model: nn.Module, budgets: Mapping[str, int] | None = None) -> d
         elif isinstance(module, LoraLayer):
             layers[name] = _lora_entry(module)
     keys = ("initial_rank", "allocated_rank", "active_rank", "params")
-    total = {key: sum(entry[key] for entry in layers.values()) for key in keys}
-    return {"layers": layers, "total": {"layers": len(layers), **total}}
+    totals = {key: sum(entry[key] for entry in layers.values()) for key in keys}
+    return {"layers": layers, "totals": {"layers": len(layers), **totals}}
 
 
 def format_rank_table(report: dict) -> str:
     """A fixed-width table of ``rank_report``'s output, one line per layer plus the totals."""
     rows = [(name, e["kind"], e["initial_rank"], e["active_rank"], e["params"]) for name, e in report["layers"].items()]
-    total = report["total"]
-    rows.append((f"total ({total['layers']} layers)", "", total["initial_rank"], total["active_rank"], total["params"]))
+    totals = report["totals"]
+    rows.append(
+        (f"total ({totals['layers']} layers)", "", totals["initial_rank"], totals["active_rank"], totals["params"])
+    )
     width = max([len("layer"), *(len(r[0]) for r in rows)])
     header = f"{'layer':<{width}}  {'kind':<7}  {'initial':>7}  {'active':>6}  {'params':>10}"
     lines = [header, "-" * len(header)]

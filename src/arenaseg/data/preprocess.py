@@ -238,3 +238,21 @@ def preprocessed_dataset(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     return PersistentDataset(list(items), transform=transform, cache_dir=cache, hash_func=hash_item)
+
+
+def load_all(dataset: PersistentDataset, progress: bool = False) -> list[dict]:
+    """Materialise every volume; a `CaseError` raised inside MONAI's transform wrapper surfaces as itself."""
+    from tqdm import tqdm
+
+    volumes = []
+    for i in tqdm(range(len(dataset)), desc="preprocess", leave=False, disable=not progress):
+        try:
+            volumes.append(dataset[i])
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, CaseError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+    return volumes

@@ -1,11 +1,11 @@
-"""Public Swin-UNETR checkpoints (FSEFT, MONAI BTCV and self-supervised, CLIP-Driven, SuPreM) in our MONAI model.
+"""Public Swin-UNETR checkpoints (FSEFT, MONAI BTCV and self-supervised, CLIP-Driven, SuPreM) in our model.
 
 Each publisher saved the same network under its own wrapper, prefixes and names, and their loaders use
-``strict=False``, so a wrong prefix silently loads nothing. Here the layout is detected from the keys, the keys are
-mapped onto current MONAI names and the load is strict: every tensor of the model comes from the file or is reported
-as missing on purpose (parts the file does not have), and every tensor of the file is loaded or reported as ignored
-(modules outside Swin-UNETR). All public files were trained with MONAI's old PatchMerging, so they get
-``legacy_merging=True``.
+``strict=False``, so a wrong prefix silently loads nothing. Here the layout is detected from the keys, the keys
+are mapped onto current MONAI names and the load is strict: every tensor of the model comes from the file or is
+reported as missing on purpose (parts the file does not have), and every tensor of the file is loaded or
+reported as ignored (modules outside Swin-UNETR). All public files were trained with MONAI's old PatchMerging,
+so they get ``legacy_merging=True``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class LoadedCheckpoint:
     source: str = ""
 
     def summary(self) -> str:
-        """What was loaded, left at random initialisation and ignored, for people to check before a long run."""
+        """What was loaded, left at random initialisation or ignored: for people to check before a run."""
         c = self.config
         merging = "legacy" if c.legacy_merging else "current"
         lines = [
@@ -136,9 +136,7 @@ def detect_layout(checkpoint: Mapping[str, object]) -> str:
     )
 
 
-def map_to_swin_unetr(
-    state: Mapping[str, torch.Tensor], layout: str
-) -> tuple[dict[str, torch.Tensor], list[str]]:
+def map_to_swin_unetr(state: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename a state dict of ``layout`` to MONAI SwinUNETR keys; returns (mapped, ignored original keys)."""
     _check_layout(layout)
     mapped: dict[str, torch.Tensor] = {}
@@ -160,9 +158,7 @@ def map_to_swin_unetr(
         elif layout == "fseft" and name.startswith("classifier."):
             name = HEAD_NAME + name.removeprefix("classifier")
         if name in mapped:
-            raise ValueError(
-                f"two keys map to {name!r} (one of them {key!r}): the checkpoint is not a {layout} file"
-            )
+            raise ValueError(f"two keys map to {name!r} (one of them {key!r}): the checkpoint is not a {layout} file")
         mapped[name] = value
     return mapped, ignored
 
@@ -175,10 +171,10 @@ def load_public_checkpoint(
 ) -> LoadedCheckpoint:
     """Build our model for a public (or bare-state-dict) ``.pt/.pth/.ckpt`` file and load it strictly.
 
-    The architecture is read from the tensors; ``feature_size``/``out_channels`` state what the caller expects
-    (a file that does not fit is refused). Files without a usable head get ``out_channels`` channels (default 1)
-    at random initialisation, reported in ``missing``. ``layout`` overrides detection, e.g. "monai-btcv" for
-    MONAI's BTCV weights re-saved without their 'state_dict' wrapper.
+    The architecture is read from the tensors; ``feature_size``/``out_channels`` state what the caller
+    expects (a file that does not fit is refused). Files without a usable head get ``out_channels`` channels
+    (default 1) at random initialisation, reported in ``missing``. ``layout`` overrides detection, e.g.
+    "monai-btcv" for MONAI's BTCV weights re-saved without their 'state_dict' wrapper.
     """
     path = Path(path)
     if not path.is_file():
@@ -223,7 +219,7 @@ def _rows_from_class_names(config: ModelConfig) -> dict[str, int]:
 
 
 def _torch_load(path: Path) -> object:
-    """Read tensors and plain containers only: ``weights_only=True`` refuses any pickle that could run code."""
+    """Tensors and plain containers only: ``weights_only=True`` refuses any pickle that could run code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -243,8 +239,8 @@ def _torch_load(path: Path) -> object:
 def _split_wrapper(obj: object) -> tuple[str | None, dict[str, torch.Tensor]]:
     if not isinstance(obj, Mapping):
         raise ValueError(
-            f"not a state dict: the file holds a {type(obj).__name__}; expected a mapping of parameter names to "
-            f"tensors, at top level or under one of {WRAPPERS}"
+            f"not a state dict: the file holds a {type(obj).__name__}; expected a mapping of parameter names "
+            f"to tensors, at top level or under one of {WRAPPERS}"
         )
     for key in WRAPPERS:
         if isinstance(obj.get(key), Mapping):
@@ -307,8 +303,8 @@ def _infer_config(
 
 
 def _may_be_absent(key: str, layout: str) -> bool:
-    """Model tensors a layout does not carry: the self-supervised file is the Swin encoder alone, CLIP-Driven and
-    SuPreM replace the head by their own text-conditioned one."""
+    """Model tensors a layout does not carry: the self-supervised file is the Swin encoder alone, CLIP-Driven
+    and SuPreM replace the head by their own text-conditioned one."""
     if layout == "monai-ssl":
         return not key.startswith(ENCODER)
     if layout == "clip-driven/suprem":
@@ -317,7 +313,7 @@ def _may_be_absent(key: str, layout: str) -> bool:
 
 
 def layout_head_kind(layout: str, config: ModelConfig) -> HeadKind | None:
-    """How the head's channels read: one softmax over classes, or independent sigmoids (None: no usable head)."""
+    """How the head's channels read: one softmax over classes, or one sigmoid each (None: no usable head)."""
     if layout in ("monai-ssl", "clip-driven/suprem"):
         return None
     if layout == "fseft" or (layout == "arenaseg" and config.out_channels == 1):
@@ -326,7 +322,7 @@ def layout_head_kind(layout: str, config: ModelConfig) -> HeadKind | None:
 
 
 def layout_class_rows(layout: str, config: ModelConfig) -> dict[str, int]:
-    """Head row of each known class; only where the head is the published one (a re-headed file's are unknown)."""
+    """Head row of each known class, only where the head is the published one (a re-headed file's are unknown)."""
     if layout == "fseft" and config.out_channels == FSEFT_CHANNELS:
         return dict(FSEFT_ROWS)
     if layout in ("monai-btcv", "arenaseg"):

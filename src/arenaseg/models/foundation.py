@@ -20,10 +20,18 @@ from arenaseg.utils.atomic import atomic_path, write_json, write_text
 CONFIG_KEY = "arenaseg_model_config"
 
 
-def save_foundation(path: str | Path, model: nn.Module, config: ModelConfig, card: dict | None = None) -> Path:
-    """Write weights (+ card JSON/Markdown when given) atomically; returns the .safetensors path."""
+def save_foundation(
+    path: str | Path, model: nn.Module, config: ModelConfig, card: dict | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write weights (+ card JSON/Markdown when given) atomically; returns the .safetensors path.
+
+    ``dtype=torch.float16`` halves a shipped file; `load_foundation` casts floating tensors back to the model's dtype.
+    """
     path = Path(path).with_suffix(".safetensors")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict())})
     if card is not None:

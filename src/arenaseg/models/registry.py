@@ -35,8 +35,9 @@ def load_model(name_or_path: str) -> LoadedCheckpoint:
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(
-            f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_NAMES)}) nor an existing file; "
-            f"a path to our .safetensors file or a public {'/'.join(PUBLIC_SUFFIXES)} checkpoint is also accepted"
+            f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_NAMES)}) nor an existing "
+            f"file; a path to our .safetensors file or a public {'/'.join(PUBLIC_SUFFIXES)} checkpoint "
+            f"is also accepted"
         )
     if path.suffix == ".safetensors":
         return _load_own(path)
@@ -49,9 +50,10 @@ def load_model(name_or_path: str) -> LoadedCheckpoint:
 
 
 def class_row(loaded: LoadedCheckpoint, organ: str) -> tuple[int, int | None] | None:
-    """(class row, background row or None for sigmoid heads) of ``organ`` in the checkpoint's head, the arguments
-    of ``replace_with_binary_head``; None when the organ is not one of its classes (or it has no usable head).
-    Names match up to case, separators and side order: kidney_left == left_kidney == "Left kidney"."""
+    """(class row, background row or None for sigmoid heads) of ``organ`` in the checkpoint's head: the
+    arguments of ``replace_with_binary_head`` for a zero-shot start. None when the organ is not one of its
+    classes or it has no usable head. Names match up to case, separators and side order: kidney_left ==
+    left_kidney == "Left kidney"."""
     if loaded.head_kind is None:
         return None
     wanted = organ_key(organ)

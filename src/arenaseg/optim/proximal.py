@@ -68,15 +68,18 @@ class ProximalOptimizer(Optimizer):
         else:
             self.inner = inner(params, lr=lr) if params else None
         inner_groups = self.inner.param_groups if self.inner is not None else []
-        v_group = {"params": v_params, "proximal": True, "lr": lr, "lr0": lr, "lam": lam, "rho": rho}
-        v_group["freeze_pruned"] = freeze_pruned
+        v_group = dict(params=v_params, proximal=True, lr=lr, lr0=lr, lam=lam, rho=rho, freeze_pruned=freeze_pruned)
         super().__init__([*inner_groups, v_group], defaults={"lr": lr})
         for v in v_params:
             self.state[v]["pruned"] = torch.zeros_like(v, dtype=torch.bool)
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, config: ArenaConfig, lr: float = 1e-3, inner: Callable[..., Optimizer] = torch.optim.AdamW
+        cls,
+        model: nn.Module,
+        config: ArenaConfig,
+        lr: float = 1e-3,
+        inner: Callable[..., Optimizer] = torch.optim.AdamW,
     ) -> ProximalOptimizer:
         """Gates (``arena_v``) to the proximal step, every other trainable parameter to ``inner``."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -124,7 +127,9 @@ class ProximalOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         expected = {"inner", "proximal_group", "pruned"}
         if set(state_dict) != expected:
-            raise ValueError(f"not a ProximalOptimizer state_dict: keys {sorted(state_dict)}, expected {sorted(expected)}")
+            raise ValueError(
+                f"not a ProximalOptimizer state_dict: keys {sorted(state_dict)}, expected {sorted(expected)}"
+            )
         gates = self.proximal_group["params"]
         if (state_dict["inner"] is None) != (self.inner is None) or len(state_dict["pruned"]) != len(gates):
             raise ValueError("the saved ProximalOptimizer was built on a different set of parameters")

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from arenaseg.data.datasets import Dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.models.foundation import save_foundation
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
@@ -38,6 +38,7 @@ class PretrainSettings:
     checkpoint_every: int = 50
     seed: int = 0
     feature_size: int = 12
+    save_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "patches_per_step", "checkpoint_every", "feature_size"):
@@ -80,7 +81,7 @@ def load_volumes(
     mapping = {data.labels[o]: c for o, c in classes.items()} if data.layout == "nnunet" else None
     items = [case_item(data.case(cid), classes) for cid in case_ids]
     cached = preprocessed_dataset(items, settings, mapping, cache_dir)
-    return [cached[i] for i in tqdm(range(len(items)), desc="preprocess", leave=False)]
+    return load_all(cached, progress=True)
 
 
 def pretrain(
@@ -212,7 +213,7 @@ def _pretrain(
     }
     if eval_cases:
         card["eval"] = evaluate_classes(model, data, eval_cases, classes, preprocess)
-    path = save_foundation(out, model, config, card)
+    path = save_foundation(out, model, config, card, dtype=getattr(torch, settings.save_dtype))
     state_path.unlink(missing_ok=True)
     return path
 

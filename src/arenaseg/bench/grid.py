@@ -1,0 +1,406 @@
+"""Benchmark grids: the (method, organ, k, seed) cells of a preset, where each cell's run folder lives, and the
+``results.csv`` that summarises the finished ones.
+
+A cell's folder is the unit of progress (its ``run.json`` marks it finished), so the grid's state is the folder
+tree and results.csv is only a view of it (`rebuild_results`): a killed bench cannot leave the two disagreeing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS
+from arenaseg.data.datasets import open_dataset
+from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read_fseft_list
+from arenaseg.pipeline import METRICS_FILE, RUN_FILE, resolve_test_cases, support_pool
+from arenaseg.utils.atomic import atomic_path
+
+CELLS_DIR, RESULTS_FILE, ERROR_FILE = "cells", "results.csv", "error.txt"
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/arenaseg/bench/grid.py -> the checkout (editable installs)
+
+DEFAULT_METHODS = (
+    "lp",
+    "fft",
+    "lora-r4",
+    "lora-r16",
+    "lora-r64",
+    "adalora-r16",
+    "arena-r4",
+    "arena-r16",
+    "arena-r64",
+)
+# Pancreas first (the issue's core grid), then the other novel organs in NOVEL_ORGANS' order.
+BTCV_ORGAN_ORDER = ("pancreas", *(o for o in NOVEL_ORGANS if o != "pancreas"))
+# k = 5 first: the rank-robustness and efficiency tables need k = 5 only, so they fill in before k = 1 and 10.
+SHOTS_ORDER = (5, *(k for k in SHOTS if k != 5))
+
+RESULT_COLUMNS = (
+    "method",
+    "base_method",
+    "rank",
+    "organ",
+    "shots",
+    "seed",
+    "mean_dice",
+    "mean_hd95",
+    "trainable_params",
+    "active_rank_total",
+    "active_adapter_params",
+    "adapter_bytes",
+    "seconds_per_step",
+    "peak_mem_mb",
+    "train_seconds",
+    "wall_s",
+    "steps_done",
+    "whole_pool",
+    "support_cases",
+    "test_cases",
+    "device",
+    "commit",
+    "model",
+    "steps",
+    "patches_per_step",
+    "lr",
+    "spacing",
+    "patch",
+    "lam",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A protocol's default grid. ``organs`` None: every structure of the partition lists; ``model`` None: the user
+    must name the foundation model; ``results``: the committed results folder, relative to the repository."""
+
+    name: str
+    methods: tuple[str, ...]
+    organs: tuple[str, ...] | None
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    model: str | None
+    results: str | None
+
+
+PRESETS = {
+    "btcv-fs": Preset(
+        "btcv-fs", DEFAULT_METHODS, BTCV_ORGAN_ORDER, SHOTS_ORDER, SEEDS, "btcv-fs", "benchmarks/results/btcv-fs-cpu"
+    ),
+    # FSEFT's own protocol on the user's TotalSegmentator copy: no committed results (the data is not ours).
+    "totalseg-fseft": Preset("totalseg-fseft", DEFAULT_METHODS, None, SHOTS_ORDER, SEEDS, None, None),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One adaptation of a grid. ``name`` is the grid's method name (``lora-r16``), ``method``/``rank`` what
+    `run_adapt` gets. ``support_cases`` None: the pipeline draws the BTCV-FS support set itself, from
+    (organ, k, seed) alone, so every method of a (organ, k, seed) adapts on the same volumes."""
+
+    name: str
+    method: str
+    rank: int | None
+    organ: str
+    shots: int
+    seed: int
+    data: str
+    test_cases: tuple[str, ...]
+    support_cases: tuple[str, ...] | None = None
+
+    @property
+    def rel_dir(self) -> Path:
+        return cell_dir(self.name, self.organ, self.shots, self.seed)
+
+
+def cell_dir(name: str, organ: str, shots: int, seed: int) -> Path:
+    """A cell's folder relative to the bench output (and to a committed results folder)."""
+    return Path(CELLS_DIR, name, organ, f"k{shots}", f"seed{seed}")
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown bench preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def committed_results(preset: str) -> Path | None:
+    """The preset's committed results folder in this checkout, None when it has none (or is not there)."""
+    rel = get_preset(preset).results
+    return REPO_ROOT / rel if rel and (REPO_ROOT / rel).is_dir() else None
+
+
+def preset_model(preset: str, model: str | None) -> str:
+    """The foundation model a bench adapts: ``model`` when given, else the preset's own."""
+    chosen = model or get_preset(preset).model
+    if chosen is None:
+        raise ValueError(f"preset {preset!r} has no default model: pass --model (a checkpoint file or built-in name)")
+    return chosen
+
+
+def parse_method(name: str) -> tuple[str, int | None]:
+    """``lora-r16`` -> ("lora", 16), ``lp`` -> ("lp", None); low-rank methods need a rank, the others take none."""
+    match = re.fullmatch(r"(?P<method>[a-z][a-z-]*?)(?:-r(?P<rank>\d+))?", name)
+    method = match["method"] if match else name
+    rank = int(match["rank"]) if match and match["rank"] else None
+    examples = "e.g. lp, fft, lora-r16, adalora-r16, arena-r4"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {name!r} in the grid; methods: {', '.join(METHODS)} ({examples})")
+    if method in LOW_RANK_METHODS and not rank:
+        raise ValueError(f"{method} needs an initial rank >= 1 in the grid, as {method}-rR ({examples})")
+    if method not in LOW_RANK_METHODS and rank is not None:
+        raise ValueError(f"{method} has no rank; write it as {method!r} ({examples})")
+    return method, rank
+
+
+def plan_cells(
+    preset: str,
+    methods: Sequence[str] | None,
+    organs: Sequence[str] | None,
+    shots: Sequence[int] | None,
+    seeds: Sequence[int] | None,
+    data: str | os.PathLike,
+    *,
+    test_cases: str | Sequence[str] = "auto",
+    partitions: str | os.PathLike | None = None,
+) -> list[Cell]:
+    """Every cell of the grid, organ-major (organ, then k, then seed, then method) so that one organ's complete
+    comparison finishes before the next organ starts. None takes the preset's default.
+
+    ``btcv-fs``: BENCHMARK.md's protocol; ``test_cases`` "auto" is BTCV-FS's test split (a list of case ids lets
+    the same protocol run on other nnU-Net data, e.g. phantoms). Where k >= the organ's eligible pool, the whole
+    pool is used once, under the first seed. ``totalseg-fseft``: FSEFT's subject lists under ``partitions``
+    (``totalseg_selected/<structure>_train.txt`` / ``_test.txt``), support drawn by ``fseft_support``.
+    """
+    spec = get_preset(preset)
+    names = _unique("methods", methods if methods is not None else spec.methods)
+    method_specs = [(name, *parse_method(name)) for name in names]
+    shots = _unique("shots", shots if shots is not None else spec.shots)
+    seeds = _unique("seeds", seeds if seeds is not None else spec.seeds)
+    if not shots or not seeds or not method_specs:
+        raise ValueError("methods, shots and seeds must each name at least one value")
+    for k in shots:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"shots must be integers >= 1, got {k!r}")
+    for s in seeds:
+        if not isinstance(s, int) or s < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {s!r}")
+    if preset == "btcv-fs":
+        if partitions is not None:
+            raise ValueError("--partitions belongs to the totalseg-fseft preset; btcv-fs draws from its support pool")
+        plan = _btcv_plan(organs if organs is not None else spec.organs, shots, seeds, data, test_cases)
+    else:
+        if test_cases != "auto":
+            raise ValueError("totalseg-fseft takes its test subjects from the <structure>_test.txt lists")
+        plan = _fseft_plan(organs, shots, seeds, data, partitions)
+    return [
+        Cell(name, method, rank, organ, k, seed, root, tests, support)
+        for organ, k, seed, root, tests, support in plan
+        for name, method, rank in method_specs
+    ]
+
+
+def _unique(what: str, values: Sequence) -> list:
+    values = list(values)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} repeat a value: {values}")
+    return values
+
+
+def _btcv_plan(organs, shots, seeds, data, test_cases) -> list[tuple]:
+    """(organ, k, seed, data, tests, None) for every draw; the pool and test split are the pipeline's own."""
+    ds = open_dataset(data)
+    organs = _unique("organs", [ds.check_organ(o) for o in organs])
+    if test_cases == "none":
+        raise ValueError("a bench needs test cases to score; pass 'auto' (BTCV-FS's test split) or case ids")
+    tests = tuple(resolve_test_cases(ds, test_cases))
+    if not tests:
+        raise ValueError(
+            f"{ds.root} does not hold the BTCV-FS cases, so there is no default test split: pass test case ids"
+        )
+    pool = support_pool(ds, tests)
+    plan = []
+    for organ in organs:
+        eligible = sum(ds.has_organ(c, organ) for c in pool)
+        if not eligible:
+            raise ValueError(f"no support-pool case of {ds.root} contains {organ}")
+        for k in shots:
+            for seed in seeds if k < eligible else seeds[:1]:  # k >= pool: the same set for every seed, run once
+                plan.append((organ, k, seed, str(ds.root.resolve()), tests, None))
+    return plan
+
+
+def fseft_lists_dir(partitions: str | os.PathLike | None) -> Path:
+    """The folder of ``<structure>_train.txt`` lists: PARTITIONS/totalseg_selected, or PARTITIONS itself."""
+    if partitions is None:
+        raise ValueError("the totalseg-fseft preset needs --partitions (the folder holding totalseg_selected/)")
+    root = Path(partitions)
+    for folder in (root / "totalseg_selected", root):
+        if folder.is_dir() and any(folder.glob("*_train.txt")):
+            return folder
+    raise FileNotFoundError(f"no totalseg_selected/<structure>_train.txt lists under {root}")
+
+
+def _fseft_plan(organs, shots, seeds, data, partitions) -> list[tuple]:
+    """(structure, k, seed, data, tests, support) with FSEFT's draw; every subject is checked before any run."""
+    lists = fseft_lists_dir(partitions)
+    available = sorted(
+        p.name[: -len("_train.txt")]
+        for p in lists.glob("*_train.txt")
+        if (lists / p.name.replace("_train.txt", "_test.txt")).is_file()
+    )
+    structures = _unique("organs", organs if organs is not None else available)
+    unknown = [s for s in structures if s not in available]
+    if unknown:
+        raise ValueError(f"no train/test lists for {unknown} in {lists}; structures: {', '.join(available)}")
+    root: Path | None = None
+    plan = []
+    for structure in structures:
+        train = read_fseft_list(lists / f"{structure}_train.txt")
+        test = read_fseft_list(lists / f"{structure}_test.txt")
+        root = _subjects_root(Path(data), [image for image, _ in train + test], root)
+        _check_labels(root, structure, train + test)
+        tests = tuple(dict.fromkeys(_subject(image) for image, _ in test))
+        for k in shots:
+            for seed in seeds:
+                support = tuple(_subject(image) for image, _ in fseft_support(train, k, seed))
+                overlap = sorted(set(support) & set(tests))
+                if overlap:
+                    raise ValueError(
+                        f"{structure} k={k} seed={seed}: support subjects {overlap} are also test subjects"
+                    )
+                plan.append((structure, k, seed, str(root.resolve()), tests, support))
+    return plan
+
+
+def _subject(image: str) -> str:
+    """FSEFT lists name ``.../data/s0004/ct.nii.gz``: the subject id is the image's folder name."""
+    return Path(image).parent.name
+
+
+def _subjects_root(data: Path, images: list[str], known: Path | None) -> Path:
+    """The TotalSegmentator folder holding the listed subjects: DATA/<the lists' prefix> (DATA is FSEFT's data
+    root) or DATA itself (DATA is the subjects' folder). All subjects must live in one folder (one dataset)."""
+    roots = set()
+    for image in images:
+        subject = _subject(image)
+        candidates = [(data / image).parent.parent, data]
+        found = next((c for c in candidates if (c / subject / "ct.nii.gz").is_file()), None)
+        if found is None:
+            tried = " or ".join(str(c / subject / "ct.nii.gz") for c in candidates)
+            raise FileNotFoundError(f"subject {subject} of the FSEFT lists not found: no {tried}")
+        roots.add(found.resolve())
+    if known is not None:
+        roots.add(known.resolve())
+    if len(roots) != 1:
+        raise ValueError(f"the listed subjects lie in several folders {sorted(map(str, roots))}; expected one")
+    return roots.pop()
+
+
+def _check_labels(root: Path, structure: str, lines: list[tuple[str, str]]) -> None:
+    for image, label in lines:
+        if Path(label).name != f"{structure}.nii.gz":
+            raise ValueError(f"{structure} list names the label {label}; expected .../{structure}.nii.gz")
+        path = root / _subject(image) / "segmentations" / f"{structure}.nii.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"label of subject {_subject(image)} not found: {path}")
+
+
+def result_row(name: str, record: dict) -> dict:
+    """One results.csv row from a finished cell's run.json (missing values are empty, never invented)."""
+    method, rank = parse_method(name)
+    settings = record.get("settings", {})
+    train, preprocess = settings.get("train", {}), settings.get("preprocess", {})
+    totals = record.get("rank_report", {}).get("total", {})
+    eval_seconds = record.get("eval_seconds")
+    row = {
+        "method": name,
+        "base_method": method,
+        "rank": rank,
+        "organ": record["organ"],
+        "shots": record["shots"],
+        "seed": record["seed"],
+        "mean_dice": record.get("mean_dice"),
+        "mean_hd95": record.get("mean_hd95"),
+        "trainable_params": record.get("trainable_params"),
+        "active_rank_total": record.get("active_rank_total"),
+        "active_adapter_params": totals.get("params") if method in LOW_RANK_METHODS else None,
+        "adapter_bytes": record.get("adapter_bytes"),
+        "seconds_per_step": record.get("seconds_per_step"),
+        "peak_mem_mb": record.get("peak_mem_mb"),
+        "train_seconds": record.get("train_seconds"),
+        "wall_s": None if eval_seconds is None else round(record["train_seconds"] + eval_seconds, 1),
+        "steps_done": record.get("steps_done"),
+        "whole_pool": record.get("support_note") is not None,
+        "support_cases": ";".join(record.get("support_cases", [])),
+        "test_cases": ";".join(record.get("test_cases", [])),
+        "device": record.get("device"),
+        "commit": record.get("git_commit"),
+        "model": record.get("model"),
+        "steps": train.get("steps"),
+        "patches_per_step": train.get("patches_per_step"),
+        "lr": train.get("lr"),
+        "spacing": _first(preprocess.get("spacing")),
+        "patch": _first(preprocess.get("patch_size")),
+        "lam": settings.get("options", {}).get("lam") if method == "arena" else None,
+    }
+    return {k: "" if v is None else v for k, v in row.items()}
+
+
+def _first(values):
+    """Isotropic settings are stored per axis; one number reads better when all axes agree."""
+    if not values:
+        return None
+    return values[0] if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def finished_cells(out: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """(cell folder, run.json record) of every finished cell under ``out``; the folder must match the record."""
+    found = []
+    for path in sorted(Path(out).glob(f"{CELLS_DIR}/*/*/k*/seed*/{RUN_FILE}")):
+        record = json.loads(path.read_text())
+        name, organ, k, seed = path.parent.parts[-4:]
+        expected = cell_dir(name, record["organ"], record["shots"], record["seed"])
+        if Path(CELLS_DIR, name, organ, k, seed) != expected:
+            raise ValueError(f"{path} records {expected} but lies in {path.parent}: a misplaced cell folder")
+        found.append((path.parent, record))
+    return found
+
+
+def rebuild_results(out: str | os.PathLike) -> Path:
+    """(Re)write OUT/results.csv atomically from the finished cells' run.json files: one row per cell."""
+    out = Path(out)
+    order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
+    rows = [result_row(folder.parts[-4], record) for folder, record in finished_cells(out)]
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["organ"], r["shots"], r["seed"]))
+    path = out / RESULTS_FILE
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def copy_cell_results(src: Path, dst: Path) -> None:
+    """Copy a finished cell's small result files, run.json last, so a kill never leaves a half-copied cell
+    looking finished."""
+    for name in (METRICS_FILE, RUN_FILE):
+        if (src / name).is_file():
+            with atomic_path(dst / name) as tmp:
+                tmp.write_bytes((src / name).read_bytes())
+
+
+def export_results(out: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Copy every finished cell's run.json/metrics.json from ``out`` into ``dest`` (same layout), e.g. into a
+    preset's committed results folder; returns the cell folders written."""
+    out, dest = Path(out), Path(dest)
+    written = []
+    for folder, _ in finished_cells(out):
+        target = dest / folder.relative_to(out)
+        copy_cell_results(folder, target)
+        written.append(target)
+    return written

@@ -1,0 +1,286 @@
+"""Run a grid's cells: in-process or fanned out over Ray, every cell resumable, failures recorded and retried.
+
+Restart safety comes from the run-folder contract of `arenaseg.pipeline`: a cell with run.json is finished and
+skipped, one with checkpoint.pt resumes from it, and results.csv is rebuilt from the folders after every cell.
+So a bench killed at any moment and started again loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from arenaseg.adapters.factory import LOW_RANK_METHODS, AdaptOptions
+from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_results
+from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
+from arenaseg.utils.atomic import write_text
+
+# AdaptJob fields that the cell (or the runner) decides; job_overrides may set any other field.
+CELL_FIELDS = frozenset(
+    {"data", "organ", "shots", "seed", "method", "rank", "test_cases", "support_cases", "out", "overwrite", "resume"}
+)
+
+
+@dataclass
+class BenchSummary:
+    """What one `run_bench` call did; ``failed`` and ``not_adopted`` name cell folders (with the reason)."""
+
+    total: int
+    finished_before: int = 0
+    adopted: int = 0
+    ran: int = 0
+    failed: list[str] = field(default_factory=list)
+    not_adopted: list[str] = field(default_factory=list)
+    results: Path | None = None
+
+    def describe(self) -> str:
+        lines = [
+            f"{self.total} cells: {self.finished_before} finished before, {self.adopted} taken from committed "
+            f"results, {self.ran} run now, {len(self.failed)} failed (rerun to retry; see error.txt)",
+            *(f"  failed: {cell}" for cell in self.failed),
+            *(f"  committed result not used: {note}" for note in self.not_adopted),
+            f"results: {self.results}",
+        ]
+        return "\n".join(lines)
+
+
+def cell_job(cell: Cell, out: str | os.PathLike, overrides: dict | None = None) -> AdaptJob:
+    """The `run_adapt` job of a cell; ``overrides`` set the grid-wide fields (model, train, preprocess, ...).
+
+    ``resume`` is always on: a cell folder holding a checkpoint is an interrupted run of this very cell.
+    """
+    overrides = dict(overrides or {})
+    allowed = sorted({f.name for f in dataclasses.fields(AdaptJob)} - CELL_FIELDS)
+    bad = sorted(set(overrides) - set(allowed))
+    if bad:
+        raise ValueError(f"job_overrides cannot set {bad}; they may set {allowed}")
+    return AdaptJob(
+        data=cell.data,
+        organ=cell.organ,
+        shots=cell.shots,
+        seed=cell.seed,
+        method=cell.method,
+        out=str(Path(out) / cell.rel_dir),
+        **({"rank": cell.rank} if cell.rank is not None else {}),
+        test_cases=list(cell.test_cases),
+        support_cases=None if cell.support_cases is None else list(cell.support_cases),
+        resume=True,
+        **overrides,
+    )
+
+
+def _plain(value):
+    """JSON's view of a value (tuples become lists), so a job compares equal to the run.json it wrote."""
+    return json.loads(json.dumps(value))
+
+
+def job_signature(job: AdaptJob) -> dict:
+    """What a finished run must share with ``job`` to count as this job's result (not where or when it ran)."""
+    return _plain(
+        {
+            "method": job.method,
+            "rank": job.rank if job.method in LOW_RANK_METHODS else None,
+            "lam": (AdaptOptions().lam if job.lam is None else job.lam) if job.method == "arena" else None,
+            "organ": job.organ,
+            "shots": job.shots,
+            "seed": job.seed,
+            "model": job.model,
+            "test_cases": job.test_cases,
+            "support_cases": job.support_cases,
+            "train": asdict(dataclasses.replace(job.train, seed=job.seed)),
+            "preprocess": job.preprocess.to_dict(),
+        }
+    )
+
+
+def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
+    """The first setting in which run.json ``record`` differs from ``job``, as a message; None when it fits."""
+    expected = job_signature(job)
+    settings = record.get("settings", {})
+    options = settings.get("options", {})
+    actual = {
+        "method": record.get("method"),
+        "rank": options.get("rank") if record.get("method") in LOW_RANK_METHODS else None,
+        "lam": options.get("lam") if record.get("method") == "arena" else None,
+        "organ": record.get("organ"),
+        "shots": record.get("shots"),
+        "seed": record.get("seed"),
+        "model": record.get("model"),
+        "test_cases": record.get("test_cases"),
+        # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
+        "support_cases": record.get("support_cases") if job.support_cases is not None else None,
+        "train": settings.get("train"),
+        "preprocess": settings.get("preprocess"),
+    }
+    for key, want in expected.items():
+        if actual[key] != want:
+            return f"{key} is {actual[key]!r} there, {want!r} in this bench"
+    return None
+
+
+def run_cell(job: AdaptJob) -> str | None:
+    """Run one cell; a failure is written to the cell's error.txt (traceback) and returned, never raised, so one
+    bad cell does not stop the grid. Success removes an earlier error.txt."""
+    error_file = Path(job.out) / ERROR_FILE
+    try:
+        run_adapt(job)
+    except Exception:  # any failure of a cell is recorded, the grid goes on
+        text = traceback.format_exc()
+        write_text(error_file, text)
+        return text
+    error_file.unlink(missing_ok=True)
+    return None
+
+
+def _cell_task(job: AdaptJob, threads: int) -> str | None:
+    """A Ray worker's cell: its share of the CPU threads (OMP_NUM_THREADS is set in its environment too)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_cell(job)
+
+
+def run_bench(
+    cells: Sequence[Cell],
+    out: str | os.PathLike,
+    workers: int = 1,
+    address: str | None = None,
+    job_overrides: dict | None = None,
+    results_from: str | os.PathLike | None = None,
+) -> BenchSummary:
+    """Run every unfinished cell into OUT/cells/...; returns what happened.
+
+    ``workers`` 1 without ``address`` runs in this process (no Ray); otherwise up to ``workers`` cells run at once
+    as Ray tasks, on a local Ray instance (``ray.init(num_cpus=workers)``) or the cluster at ``address`` (whose
+    nodes must all see OUT and the data at the same paths: each task writes its cell folder itself).
+    ``results_from``: a folder of committed cell results (same layout) whose cells count as finished when they
+    were run with this bench's settings; they are copied into OUT. Settings are checked before anything runs:
+    a finished cell of OUT with other settings is an error (one OUT holds one grid).
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    out = Path(out)
+    dirs = [c.rel_dir for c in cells]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"cells repeat a run folder, e.g. {next(d for d in dirs if dirs.count(d) > 1)}")
+    source = Path(results_from) if results_from is not None else None
+    if source is not None and not source.is_dir():
+        raise FileNotFoundError(f"committed results folder not found: {source}")
+    jobs = [cell_job(cell, out, job_overrides) for cell in cells]
+
+    summary = BenchSummary(total=len(jobs))
+    pending = []
+    for job in jobs:
+        run_json = Path(job.out) / RUN_FILE
+        if run_json.is_file():
+            mismatch = signature_mismatch(job, json.loads(run_json.read_text()))
+            if mismatch:
+                raise ValueError(f"{job.out} finished with other settings ({mismatch}); use another --out")
+            summary.finished_before += 1
+        else:
+            pending.append(job)
+    if source is not None:
+        pending = [job for job in pending if not _adopt(job, out, source, summary)]
+    summary.results = rebuild_results(out)
+
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="bench", unit="cell")
+
+    def show(running: int) -> None:
+        bar.set_postfix(running=running, failed=len(summary.failed))
+
+    def done(job: AdaptJob, error: str | None) -> None:
+        if error is None:
+            summary.ran += 1
+            rebuild_results(out)
+            bar.update(1)
+        else:
+            summary.failed.append(str(Path(job.out).relative_to(out)))
+
+    try:
+        if workers == 1 and address is None:
+            for job in pending:
+                show(1)
+                done(job, run_cell(job))
+        elif pending:
+            _run_on_ray(pending, workers, address, show, done)
+    finally:
+        show(0)
+        bar.close()
+    return summary
+
+
+def _adopt(job: AdaptJob, out: Path, source: Path, summary: BenchSummary) -> bool:
+    """Take a committed result of ``job``'s cell into OUT when it was run with the same settings."""
+    rel = Path(job.out).relative_to(out)
+    committed = source / rel
+    if not (committed / RUN_FILE).is_file():
+        return False
+    mismatch = signature_mismatch(job, json.loads((committed / RUN_FILE).read_text()))
+    if mismatch:
+        summary.not_adopted.append(f"{rel}: {mismatch}")
+        return False
+    copy_cell_results(committed, Path(job.out))
+    (Path(job.out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # a local partial run of a cell now finished
+    summary.adopted += 1
+    return True
+
+
+def _run_on_ray(
+    jobs: list[AdaptJob],
+    workers: int,
+    address: str | None,
+    show: Callable[[int], None],
+    done: Callable[[AdaptJob, str | None], None],
+) -> None:
+    """At most ``workers`` cells in flight; each task runs in a fresh worker process (``max_calls=1``) so that its
+    peak memory and thread settings are its own."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        if address is None:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        threads, reserve = _thread_share(ray, workers, local=address is None)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+        task = ray.remote(num_cpus=reserve, max_calls=1, runtime_env={"env_vars": env})(_cell_task)
+        queue, running = list(jobs), {}
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.pop(0)
+                running[task.remote(job, threads)] = job
+            show(len(running))
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                job = running.pop(ref)
+                try:
+                    error = ray.get(ref)
+                except ray.exceptions.RayError as err:  # the worker died (killed, out of memory): no traceback of ours
+                    error = f"{type(err).__name__}: {err}\n"
+                    write_text(Path(job.out) / ERROR_FILE, error)
+                done(job, error)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _thread_share(ray, workers: int, local: bool) -> tuple[int, int]:
+    """(torch threads, CPUs reserved) per task: this machine's cores split over the workers; on a cluster each
+    task reserves its threads so that Ray never packs more threads on a node than it has cores."""
+    if local:
+        return max(1, (os.cpu_count() or 1) // workers), 1
+    total = int(ray.cluster_resources().get("CPU", 0))
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
+    if largest < 1:
+        raise ValueError("the Ray cluster offers no CPUs to run cells on")
+    threads = max(1, min(total // workers, largest))
+    return threads, threads

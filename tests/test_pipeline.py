@@ -1,0 +1,155 @@
+"""The CLI contract end to end: adapt -> artifacts, predict -> NIfTI in the input's geometry, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from arenaseg import pipeline
+from arenaseg.cli import main
+from arenaseg.data.sampling import PatchSampler
+
+
+def adapt_args(data, model, out, *extra, organ="pancreas", shots="2", method="arena", steps="2"):
+    return [
+        "adapt", "--data", str(data), "--organ", organ, "--shots", shots, "--seed", "0", "--method", method,
+        "--model", str(model), "--steps", steps, "--patches-per-step", "1", "--warmup", "1", "--out", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_adapt_on_btcv30_writes_the_whole_contract(shared_data, tiny_foundation, tmp_path):
+    out = tmp_path / "run"
+    args = adapt_args(shared_data / "btcv30", tiny_foundation, out, "--test-cases", "btcv_0036", "--rank", "4")
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    for key in ("method", "organ", "shots", "seed", "support_cases", "settings", "trainable_params",
+                "seconds_per_step", "peak_mem_mb", "device", "git_commit", "ranks", "active_rank_total"):  # fmt: skip
+        assert key in run, key
+    assert run["method"] == "arena" and run["organ"] == "pancreas" and run["shots"] == 2
+    assert set(run["support_cases"]) <= {f"btcv_{i:04d}" for i in range(26, 36)}
+    assert all(v["initial"] == 4 and 0 <= v["active"] <= 4 for v in run["ranks"].values())
+    assert run["active_rank_total"] == sum(v["active"] for v in run["ranks"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["cases"]) == {"btcv_0036"} and 0.0 <= metrics["mean_dice"] <= 100.0
+    assert metrics["mean_dice"] == run["mean_dice"]
+    assert (out / "adapter.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "checkpoint.pt").exists()
+
+    # predict: a NIfTI on the input's grid, with its affine
+    image = shared_data / "btcv30" / "imagesTr" / "btcv_0037_0000.nii.gz"
+    seg = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--run", str(out), "--input", str(image), "--output", str(seg)]) == 0
+    src, pred = nib.load(image), nib.load(seg)
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+    # evaluate: the same numbers as the run's own evaluation for the same prediction
+    ref = shared_data / "btcv30" / "labelsTr" / "btcv_0037.nii.gz"
+    assert main(["evaluate", "--pred", str(seg), "--ref", str(ref), "--organ", "pancreas",
+                 "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert "btcv_0037" in json.loads((tmp_path / "m.json").read_text())["cases"]
+
+
+def test_support_draw_is_the_same_for_every_method(phantoms, tiny_foundation, tmp_path):
+    draws = []
+    for method in ("lp", "arena"):
+        out = tmp_path / method
+        assert main(adapt_args(phantoms, tiny_foundation, out, "--test-cases", "none", method=method, steps="1")) == 0
+        draws.append(json.loads((out / "run.json").read_text())["support_cases"])
+    assert draws[0] == draws[1] and len(draws[0]) == 2
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_reaches_the_uninterrupted_tensors(phantoms, tiny_foundation, tmp_path, monkeypatch):
+    common = ("--test-cases", "none", "--checkpoint-every", "2", "--rank", "4")
+    full = tmp_path / "full"
+    assert main(adapt_args(phantoms, tiny_foundation, full, *common, steps="4")) == 0
+
+    killed = tmp_path / "killed"
+    real_batch = PatchSampler.batch
+
+    def dying_batch(self, step, rank=0):
+        if step == 3:
+            raise Killed("simulated kill")
+        return real_batch(self, step, rank)
+
+    monkeypatch.setattr(PatchSampler, "batch", dying_batch)
+    with pytest.raises(Killed):
+        pipeline.run_adapt(_job(phantoms, tiny_foundation, killed))
+    assert (killed / "checkpoint.pt").exists() and not (killed / "run.json").exists()
+    # a plain rerun refuses and points at --resume
+    monkeypatch.setattr(PatchSampler, "batch", real_batch)
+    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, steps="4")) == 2
+    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, "--resume", steps="4")) == 0
+    a, b = load_file(full / "adapter.safetensors"), load_file(killed / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+
+
+def _job(data, model, out):
+    from arenaseg.train.loop import TrainSettings
+
+    settings = TrainSettings(steps=4, patches_per_step=1, warmup_steps=1, checkpoint_every=2)
+    return pipeline.AdaptJob(
+        data=str(data), organ="pancreas", shots=2, seed=0, method="arena", out=str(out), model=str(model), rank=4,
+        test_cases="none", train=settings,
+    )  # fmt: skip
+
+
+def _fails(capsys, args, *fragments):
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_bad_input_is_refused_clearly(phantoms, tiny_foundation, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(capsys, adapt_args(tmp_path / "nope", tiny_foundation, out), "data folder not found")
+    _fails(capsys, adapt_args(phantoms, tiny_foundation, out, organ="brain"), "valid: spleen, right_kidney")
+    _fails(capsys, adapt_args(phantoms, tiny_foundation, out, shots="0"), "shots")
+    _fails(capsys, adapt_args(phantoms, tmp_path / "missing.safetensors", out), "neither a built-in model")
+    assert not out.exists() or not any(out.iterdir())
+
+    # organ absent from every pool case
+    root = tmp_path / "no_pancreas"
+    shutil.copytree(phantoms, root)
+    for label in (root / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(label)
+        arr = np.asarray(img.dataobj).copy()
+        arr[arr == 6] = 0
+        nib.save(nib.Nifti1Image(arr, img.affine, img.header), label)
+    meta = json.loads((root / "dataset.json").read_text())
+    for case in meta["cases"]:
+        case["labels_present"] = [v for v in case["labels_present"] if v != 6]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    _fails(capsys, adapt_args(root, tiny_foundation, out, "--test-cases", "none"), "contains pancreas")
+
+
+def test_k_larger_than_pool_uses_the_whole_pool(phantoms, tiny_foundation, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = adapt_args(phantoms, tiny_foundation, out, "--test-cases", "phantom_0006", shots="50", steps="1")
+    assert main(args) == 0
+    assert "whole eligible pool" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["support_cases"]) == 5 and "phantom_0006" not in run["support_cases"]
+    # a finished run is refused unless --overwrite
+    _fails(capsys, args, "finished run", "--overwrite")
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_unwritable_output_is_refused(phantoms, tiny_foundation, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _fails(capsys, adapt_args(phantoms, tiny_foundation, blocker / "run"), "not writable")
