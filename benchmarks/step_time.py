@@ -10,16 +10,17 @@ interleaved, round after round (the starting case rotates each round), so that d
 case alike; the table reports medians.
 
 Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` over a step minus the allocation before it (exact).
-On CPU, the process's peak resident set size (VmHWM, reset before each step through /proc/self/clear_refs, Linux
-only) minus the resident size before the step. Every model lives in the one process, so the absolute peak includes
-all of them; the per-step increase is the step's working memory (activations, gradients, new optimizer state), an
-underestimate when the allocator reuses memory freed by the case before.
+On CPU (Linux, glibc), the process's peak resident set size during the step (VmHWM, reset through
+/proc/self/clear_refs after ``malloc_trim`` has returned the freed heap to the system) minus the resident size
+before it. Every model lives in the one process, so the absolute peak includes all of them; the per-step increase
+is the step's working memory (activations, gradients, optimizer state created by the first step).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
 import statistics
 import sys
@@ -47,6 +48,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        if device.type != "cuda":
+            self._malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
 
     def _status_kib(self, key: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -60,6 +63,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return torch.cuda.memory_allocated(self.device) / 2**20
+        self._malloc_trim(0)  # hand freed heap pages back, else the previous case's memory hides this one's
         Path("/proc/self/clear_refs").write_text("5")
         return self._status_kib("VmRSS") / 1024
 

@@ -44,3 +44,15 @@ def phantoms(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch) -> None:
     """Tests never write into the user's cache (or beside the read-only shared data)."""
     monkeypatch.setenv("ARENASEG_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One thread: bit-for-bit reproducible CPU kernels (resume tests compare exact tensors), and faster on the
+    2-core CI machine than two threads fighting over it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

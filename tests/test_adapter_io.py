@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ from arenaseg.models.swin_unetr import HEAD_NAME, ModelConfig, build_swin_unetr,
 
 RANK = 4
 SHAPE = (1, 1, 64, 32, 32)  # the smallest input the tiny Swin-UNETR takes (see test_factory)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core test machine two threads oversubscribe and run ~8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fresh_model(binary_head: bool = True) -> nn.Module:
@@ -76,8 +66,8 @@ def perturb_trained(adapted) -> None:
         prune_arena(adapted.network)
 
 
-def adapt_and_train(method: str) -> object:
-    adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10))
+def adapt_and_train(method: str, **options: object) -> object:
+    adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10, **options))
     perturb_trained(adapted)
     if method == "adalora":
         # A real allocation (step 1 of 10 masks to PEFT's budget) that the round trip must preserve.
@@ -154,8 +144,9 @@ def test_a_folder_without_an_adapter_is_refused(tmp_path: Path) -> None:
 
 
 def test_arena_exports_as_a_peft_lora_adapter_with_the_same_outputs(tmp_path: Path) -> None:
-    adapted = adapt_and_train("arena")
+    adapted = adapt_and_train("arena", alpha=3.0 * RANK)  # ARENA's scaling s = 3 must be folded into B too
     adapted.model.eval()
+    assert all(layer.scaling == 3.0 for layer in arena_layers(adapted.network).values())
     ranks = {n: layer.active_rank() for n, layer in arena_layers(adapted.network).items()}
     assert ranks[adapted.targets[-1]] == 0 and len(set(ranks.values())) > 2
     export_peft_lora(adapted.network, tmp_path, base_model_name_or_path="tiny-test-base")

@@ -28,15 +28,6 @@ from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.optim.proximal import ProximalOptimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids contention and keeps every test fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv_base(**kw) -> nn.Conv3d:
     return nn.Conv3d(3, 5, kernel_size=3, stride=2, padding=1, **kw)
 

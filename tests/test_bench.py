@@ -42,6 +42,8 @@ RESULT_KEYS = (
     "mean_dice",
     "mean_hd95",
     "trainable_params",
+    "active_rank_total",
+    "active_adapter_params",
     "adapter_bytes",
     "steps_done",
     "support_cases",
@@ -159,13 +161,13 @@ def test_fseft_plan_checks_subjects_before_running(tmp_path, shared_data):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """A 2-cell grid (lp, k=1, seeds 0 and 1) on phantoms with a tiny foundation model, 2 steps per cell."""
+    """A 2-cell grid (lp and arena-r4, k=1, seed 0) on phantoms with a tiny foundation model, 2 steps per cell."""
     tmp = tmp_path_factory.mktemp("grid")
     data = make_phantom_dataset(tmp / "phantoms", n_cases=4, shape=(64, 64, 64))
     config = ModelConfig.tiny(out_channels=3, class_names=("background", "liver", "spleen"))
     torch.manual_seed(0)
     model = save_foundation(tmp / "tiny", build_swin_unetr(config), config)
-    cells = plan_cells("btcv-fs", ["lp"], ["pancreas"], [1], [0, 1], data, test_cases=[TEST_CASE])
+    cells = plan_cells("btcv-fs", ["lp", "arena-r4"], ["pancreas"], [1], [0], data, test_cases=[TEST_CASE])
     overrides = {
         "model": str(model),
         "train": TrainSettings(steps=2, patches_per_step=1),
@@ -222,11 +224,15 @@ def test_killed_and_resumed_grid_yields_exactly_one_row_per_cell(grid, in_proces
     rows = read_rows(out)
     assert len(rows) == 2
     assert sorted((r["method"], r["organ"], r["shots"], r["seed"]) for r in rows) == [
+        ("arena-r4", "pancreas", "1", "0"),
         ("lp", "pancreas", "1", "0"),
-        ("lp", "pancreas", "1", "1"),
     ]
     assert all(r["steps_done"] == "2" and r["mean_dice"] != "" for r in rows)  # the resumed cell lost no steps
-    assert all(r["support_cases"] and TEST_CASE not in r["support_cases"] for r in rows)
+    lp, arena = sorted(rows, key=lambda r: r["method"] != "lp")
+    assert lp["support_cases"] == arena["support_cases"] and TEST_CASE not in lp["support_cases"]  # one draw
+    record = json.loads((out / cells[1].rel_dir / pipeline.RUN_FILE).read_text())
+    assert arena["active_rank_total"] == str(sum(e["active"] for e in record["ranks"].values()))
+    assert (arena["rank"], arena["base_method"], lp["rank"], lp["active_rank_total"]) == ("4", "arena", "", "")
     second = out / cells[1].rel_dir
     assert not (second / ERROR_FILE).exists() and not (second / pipeline.CHECKPOINT_FILE).exists()
 

@@ -44,15 +44,6 @@ def source_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     return build_swin_unetr(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))

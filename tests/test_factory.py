@@ -4,7 +4,6 @@ regulariser and budget come from PEFT, and bad input is refused before the model
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,15 +28,6 @@ RANK = 4
 # The smallest input the tiny Swin-UNETR accepts: sides multiples of 32, and more than one voxel per channel at
 # the bottleneck for instance norm (64 x 32 x 32 -> 2 x 1 x 1).
 SHAPE = (1, 1, 64, 32, 32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core test machine two threads oversubscribe and run ~8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fresh_model() -> nn.Module:

@@ -20,9 +20,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _load(folder: Path, case: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    return nib.load(folder / "imagesTr" / f"{case}_0000.nii.gz"), nib.load(
-        folder / "labelsTr" / f"{case}.nii.gz"
-    )
+    return nib.load(folder / "imagesTr" / f"{case}_0000.nii.gz"), nib.load(folder / "labelsTr" / f"{case}.nii.gz")
 
 
 def _arrays(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:

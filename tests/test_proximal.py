@@ -16,15 +16,6 @@ from arenaseg.adapters.arena import ArenaConfig, ArenaLinear
 from arenaseg.optim.proximal import ProximalOptimizer, soft_threshold
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def by_definition(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.where(x > tau, x - tau, torch.where(x < -tau, x + tau, torch.zeros_like(x)))
 

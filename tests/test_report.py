@@ -51,7 +51,7 @@ def fake_record(name: str, organ: str, k: int, seed: int, model: str) -> dict:
         "device": "cpu (fixture)",
         "git_commit": "abc1234",
         "adapter_bytes": 4 * (13 if rank is None else 1000 * rank),
-        "rank_report": {"total": {"params": 0 if rank is None else rng.randint(100, 1000 * rank)}},
+        "rank_report": {"totals": {"params": 0 if rank is None else rng.randint(100, 1000 * rank)}},
         "mean_dice": rng.uniform(20, 80),
         "mean_hd95": rng.uniform(5, 40),
     }
@@ -171,8 +171,8 @@ def test_efficiency_table_relative_to_lora(bench):
         assert cells["cells"] == str(sum(key[0] == method for key in records))
     step = mean("arena-r16", lambda r: r["seconds_per_step"]) / mean("lora-r16", lambda r: r["seconds_per_step"])
     assert rows["arena-r16"]["s/step vs LoRA same r"].strip("*") == f"{step:.2f}x"
-    active = mean("arena-r4", lambda r: r["rank_report"]["total"]["params"]) / mean(
-        "lora-r4", lambda r: r["rank_report"]["total"]["params"]
+    active = mean("arena-r4", lambda r: r["rank_report"]["totals"]["params"]) / mean(
+        "lora-r4", lambda r: r["rank_report"]["totals"]["params"]
     )
     assert rows["arena-r4"]["active adapter params vs LoRA same r"].strip("*") == f"{active:.2f}x"
     assert rows["lp"]["s/step vs LoRA same r"] == MISSING  # no rank, nothing to compare with

@@ -101,9 +101,7 @@ def test_btcv_gallbladder_pool_lacks_btcv_0035(shared_data: Path) -> None:
     for seed in (0, 1, 2):
         assert "btcv_0035" not in draw_support(BTCV_FS.support_pool, presence, k=5, seed=seed).cases
     for organ in ("esophagus", "portal_and_splenic_vein", "pancreas"):
-        full = draw_support(
-            BTCV_FS.support_pool, organ_presence(shared_data / "btcv30" / "dataset.json", organ), 10, 0
-        )
+        full = draw_support(BTCV_FS.support_pool, organ_presence(shared_data / "btcv30" / "dataset.json", organ), 10, 0)
         assert full.cases == BTCV_FS.support_pool
 
 

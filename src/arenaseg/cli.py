@@ -71,7 +71,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         feature_size=args.feature_size,
         save_dtype=args.save_dtype,
     )
-    path = pretrain(
+    result = pretrain(
         data,
         cases,
         organs,
@@ -83,8 +83,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         args.resume,
         command="arenaseg " + shlex.join(sys.argv[1:]),
     )
-    if path is not None:
-        print(f"wrote {path} (card: {path.with_suffix('.md')})")
+    if result.path is not None:
+        print(f"wrote {result.path} (card: {result.path.with_suffix('.md')})")
     return 0
 
 
@@ -135,7 +135,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         print(f"ARENA total active rank: {record['active_rank_total']}")
     if "mean_dice" in record:
         print(
-            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm on {len(record['test_cases'])} test cases"
+            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm "
+            f"on {len(record['test_cases'])} test cases"
         )
     print(f"wrote {args.out}")
     return 0
@@ -185,6 +186,144 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from arenaseg.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from arenaseg.bench.grid import committed_results, export_results, plan_cells, preset_model
+    from arenaseg.bench.runner import run_bench
+    from arenaseg.train.loop import TrainSettings
+
+    tests = args.test_cases if args.test_cases in ("auto", "none") else _csv(args.test_cases)
+    cells = plan_cells(
+        args.preset,
+        _csv(args.methods) if args.methods else None,
+        _csv(args.organs) if args.organs else None,
+        _ints(args.shots, "shots"),
+        _ints(args.seeds, "seeds"),
+        args.data,
+        test_cases=tests,
+        partitions=args.partitions,
+    )
+    if args.results_from == "preset":
+        results_from = committed_results(args.preset)
+    else:
+        results_from = None if args.results_from == "none" else args.results_from
+    overrides = {
+        "model": preset_model(args.preset, args.model),
+        "train": TrainSettings(steps=args.steps),
+        "preprocess": _preprocess(args),
+        "cache_dir": args.cache_dir,
+    }
+    summary = run_bench(cells, args.out, args.workers, args.address, overrides, results_from)
+    print(summary.describe())
+    if args.export_to:
+        print(f"exported {len(export_results(args.out, args.export_to))} finished cells to {args.export_to}")
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from arenaseg.bench.report import write_report
+
+    print(f"wrote {write_report(args.out)}")
+    return 0
+
+
+def add_bench_parsers(sub) -> None:
+    from arenaseg.bench.grid import PRESETS
+    from arenaseg.train.loop import TrainSettings
+
+    btcv = PRESETS["btcv-fs"]
+    p = sub.add_parser("bench", help="run a benchmark grid (method x organ x k x seed), resumable, on Ray")
+    p.add_argument("--preset", default="btcv-fs", choices=list(PRESETS), help="protocol (default: %(default)s)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="btcv-fs: nnU-Net folder (btcv30); totalseg-fseft: the data root of the FSEFT lists, or the "
+        "TotalSegmentator subjects folder",
+    )
+    p.add_argument("--out", required=True, help="bench folder: cells/<method>/<organ>/k<k>/seed<s>/, results.csv")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated grid methods, NAME or NAME-rRANK (default: {','.join(btcv.methods)})",
+    )
+    p.add_argument(
+        "--organs",
+        default=None,
+        help=f"comma-separated organs (default: btcv-fs: {','.join(btcv.organs)}; "
+        "totalseg-fseft: every listed structure)",
+    )
+    p.add_argument("--shots", default=None, help=f"comma-separated k (default: {','.join(map(str, btcv.shots))})")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds; where k >= the organ's pool only the first runs "
+        f"(default: {','.join(map(str, btcv.seeds))})",
+    )
+    p.add_argument(
+        "--test-cases",
+        default="auto",
+        help="btcv-fs only: auto (BTCV-FS's test split) or comma-separated case ids (default: %(default)s)",
+    )
+    p.add_argument(
+        "--partitions",
+        default=None,
+        help="totalseg-fseft only: folder holding totalseg_selected/<structure>_train.txt/_test.txt (default: none)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="cells at once; 1 runs in this process without Ray (default: %(default)s)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="address of an existing Ray cluster (default: none: a local Ray instance when --workers > 1)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=TrainSettings().steps, help="training steps per cell (default: %(default)s)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"foundation model, built-in name or checkpoint file (default: btcv-fs: {btcv.model}; "
+        "totalseg-fseft: required)",
+    )
+    p.add_argument(
+        "--results-from",
+        default="preset",
+        help=f"committed cell results that count as finished: preset (btcv-fs: {btcv.results}, when present), "
+        "none, or a folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--export-to",
+        default=None,
+        help="after the run, copy the finished cells' run.json/metrics.json into this folder, e.g. "
+        f"{btcv.results} (default: none)",
+    )
+    _add_preprocess_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="report.md (BENCHMARK.md's tables) and PNG plots from a bench folder")
+    p.add_argument("out", help="bench folder holding results.csv (rebuilt from cells/ when missing)")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--organs",
         default="btcv-fs",
-        help="comma-separated organ names (other labels become background), or btcv-fs for its 7 base organs (default: %(default)s)",
+        help="comma-separated organ names (other labels become background), or btcv-fs for its 7 base organs "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--eval-cases",
@@ -292,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-patience",
         type=int,
         default=t.stop_patience,
-        help="stop when the smoothed training loss has not improved for this many steps; 0 = off (default: %(default)s)",
+        help="stop when the smoothed training loss has not improved for this many steps; 0 = off "
+        "(default: %(default)s)",
     )
     p.add_argument("--model", default="btcv-fs", help="built-in model name or checkpoint path (default: %(default)s)")
     p.add_argument(
@@ -319,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--organ",
         default=None,
-        help="organ to pick from a multi-class reference (via the dataset.json next to it); default: any non-zero label",
+        help="organ to pick from a multi-class reference (via the dataset.json next to it); "
+        "default: any non-zero label",
     )
     p.add_argument("--out", default=None, help="metrics.json to write (default: metrics.json beside --pred)")
     p.set_defaults(func=cmd_evaluate)
@@ -330,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default: %(default)s)")
     p.add_argument("--shape", default="96,96,64", help="volume shape in voxels at 3 mm (default: %(default)s)")
     p.set_defaults(func=cmd_phantoms)
+
+    add_bench_parsers(sub)
+
+    from arenaseg.demo import SETTINGS
+
+    p = sub.add_parser("demo", help="offline demo: ARENA adapts the shipped phantom model to a new organ")
+    p.add_argument(
+        "--out", default="demo_out", help="folder for the phantoms, run, NIfTI and overlay (default: %(default)s)"
+    )
+    p.add_argument("--steps", type=int, default=SETTINGS.steps, help="adaptation steps (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -148,6 +148,7 @@ def run_adapt(job: AdaptJob) -> dict:
     t0 = time.time()
     result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE, status=_status(adapted))
     train_seconds = time.time() - t0
+    trainable_while_training = adapted.trainable_params
     if job.method == "arena":
         from arenaseg.adapters.arena import prune_arena
 
@@ -171,7 +172,8 @@ def run_adapt(job: AdaptJob) -> dict:
             "options": asdict(options),
         },
         "data": str(data.root),
-        "trainable_params": adapted.trainable_params,
+        "trainable_params": trainable_while_training,
+        "active_params": adapted.trainable_params,  # after ARENA's pruning; equal for the other methods
         "total_params": adapted.total_params,
         "steps_done": result.steps_done,
         "stopped_early": result.stopped_early,
@@ -190,9 +192,11 @@ def run_adapt(job: AdaptJob) -> dict:
         }
         record["active_rank_total"] = report["totals"]["active_rank"]
     if tests:
+        t0 = time.time()
         metrics = evaluate_cases(adapted.model, data, organ, tests, job.preprocess)
         write_json(out / METRICS_FILE, metrics)
         record["mean_dice"], record["mean_hd95"] = metrics["mean_dice"], metrics["mean_hd95"]
+        record["eval_seconds"] = round(time.time() - t0, 1)
     write_json(out / RUN_FILE, record)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return record

@@ -207,6 +207,26 @@ class AdaptedModel:
         budgets = peft_baselines.adalora_budgets(self.model, self.network) if self.method == "adalora" else None
         return report.rank_report(self.network, budgets)
 
+    def optimizer_side_state(self) -> dict:
+        """State outside the parameters and the optimizer that a resumed run needs to continue exactly:
+        AdaLoRA's importance scores (PEFT's RankAllocator) and its current rank pattern; empty otherwise."""
+        if self.method != "adalora":
+            return {}
+        allocator = self.model.base_model.rankallocator
+        return {
+            "rank_pattern": self.allocation(),
+            **{key: dict(getattr(allocator, key)) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")},
+        }
+
+    def load_optimizer_side_state(self, state: dict) -> None:
+        if self.method != "adalora":
+            return
+        allocator = self.model.base_model.rankallocator
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(allocator, key, dict(state[key]))
+        # the masked tensors themselves come back with the checkpoint; the pattern drives the next allocation
+        self.model.base_model.peft_config[report.PEFT_ADAPTER].rank_pattern = state["rank_pattern"] or None
+
     def allocation(self) -> dict:
         """The rank allocation that the tensors' shapes alone do not restore: ARENA's current (pruned) rank per
         layer, AdaLoRA's budget masks (PEFT's ``rank_pattern``); empty for the other methods."""

@@ -315,7 +315,7 @@ def result_row(name: str, record: dict) -> dict:
     method, rank = parse_method(name)
     settings = record.get("settings", {})
     train, preprocess = settings.get("train", {}), settings.get("preprocess", {})
-    totals = record.get("rank_report", {}).get("total", {})
+    totals = record.get("rank_report", {}).get("totals", {})
     eval_seconds = record.get("eval_seconds")
     row = {
         "method": name,

@@ -26,7 +26,7 @@ from arenaseg.utils.atomic import atomic_path, write_text
 REPORT_FILE, PLOTS_DIR = "report.md", "plots"
 MISSING = "–"
 RANK_FAMILIES = {"lora": "LoRA", "arena": "ARENA"}
-RANK_K = 5  # BENCHMARK.md: rank robustness, learned ranks and efficiency at k = 5
+RANK_K = 5  # BENCHMARK.md: rank robustness at k = 5; the learned-rank and Dice-vs-parameters plots follow it
 INT_COLUMNS = (
     "rank",
     "shots",

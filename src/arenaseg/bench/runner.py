@@ -166,7 +166,7 @@ def run_bench(
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    out = Path(out)
+    out = Path(out).resolve()  # Ray workers need paths that do not depend on their working directory
     dirs = [c.rel_dir for c in cells]
     if len(set(dirs)) != len(dirs):
         raise ValueError(f"cells repeat a run folder, e.g. {next(d for d in dirs if dirs.count(d) > 1)}")

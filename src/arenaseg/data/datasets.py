@@ -83,8 +83,8 @@ def open_dataset(root: str | Path) -> Dataset:
     if any((p / "ct.nii.gz").is_file() for p in root.iterdir() if p.is_dir()):
         return read_totalsegmentator(root)
     raise ValueError(
-        f"{root} is neither an nnU-Net v2 raw folder (dataset.json, imagesTr/, labelsTr/) nor a TotalSegmentator folder "
-        "(SUBJECT/ct.nii.gz, SUBJECT/segmentations/*.nii.gz)"
+        f"{root} is neither an nnU-Net v2 raw folder (dataset.json, imagesTr/, labelsTr/) "
+        "nor a TotalSegmentator folder (SUBJECT/ct.nii.gz, SUBJECT/segmentations/*.nii.gz)"
     )
 
 

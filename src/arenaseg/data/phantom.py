@@ -62,14 +62,11 @@ _ORGANS = (
 def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Voxel-centre coordinates in fractions of the volume, as broadcastable open grids."""
     return tuple(
-        ((np.arange(n) + 0.5) / n).reshape([-1 if a == i else 1 for a in range(3)])
-        for i, n in enumerate(shape)
+        ((np.arange(n) + 0.5) / n).reshape([-1 if a == i else 1 for a in range(3)]) for i, n in enumerate(shape)
     )
 
 
-def _deformed_ellipsoid(
-    grid: tuple[np.ndarray, ...], spec: _OrganSpec, rng: np.random.Generator
-) -> np.ndarray:
+def _deformed_ellipsoid(grid: tuple[np.ndarray, ...], spec: _OrganSpec, rng: np.random.Generator) -> np.ndarray:
     """A random organ: jittered centre, size and angle; the boundary rippled by three low-frequency waves."""
     centre = np.asarray(spec.centre) + rng.uniform(-0.03, 0.03, 3)
     semi = np.asarray(spec.semi_axes) * rng.uniform(0.85, 1.15, 3)

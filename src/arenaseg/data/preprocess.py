@@ -2,7 +2,8 @@
 
 Pipeline (CPU preset of BENCHMARK.md): load -> channel first -> RAS orientation -> resample to 3 mm (image linear,
 label nearest) -> HU window [-125, 275] scaled to [0, 1] -> crop to the body -> pad to the patch size.
-The cache key hashes the files' bytes and these settings, so an edited file or a changed setting never hits a stale entry.
+The cache key hashes the files' bytes and these settings: an edited file or a changed setting never hits a
+stale entry.
 """
 
 from __future__ import annotations

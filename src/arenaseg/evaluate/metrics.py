@@ -11,9 +11,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 def _binary_mask(name: str, array: np.ndarray) -> np.ndarray:
     if array.dtype != bool and not ((array == 0) | (array == 1)).all():
-        raise ValueError(
-            f"{name} must be a binary mask (values 0/1 or bool), found values {np.unique(array)[:8]}"
-        )
+        raise ValueError(f"{name} must be a binary mask (values 0/1 or bool), found values {np.unique(array)[:8]}")
     return array.astype(bool, copy=False)
 
 

@@ -140,6 +140,7 @@ def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, ste
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "stopper": stopper.state_dict(),
+        "method_state": adapted.optimizer_side_state(),
         "settings": asdict(settings),
         "step": step if not stopped else settings.steps,
         "loss": loss,
@@ -162,4 +163,5 @@ def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["stopper"])
+    adapted.load_optimizer_side_state(state["method_state"])
     return state["step"], state["loss"]

@@ -28,6 +28,13 @@ from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
 
 
+@dataclass
+class PretrainResult:
+    path: Path | None  # the weights file; None on ranks other than 0
+    model: torch.nn.Module
+    rank: int
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     steps: int = 1500
@@ -95,8 +102,8 @@ def pretrain(
     cache_dir: str | Path | None = None,
     resume: bool = False,
     command: str = "",
-) -> Path | None:
-    """Train, checkpoint, and write ``out``.safetensors + card; returns the weights path on rank 0."""
+) -> PretrainResult:
+    """Train, checkpoint, and write ``out``.safetensors + card (rank 0 only)."""
     dist_info = init_distributed()
     try:
         return _pretrain(
@@ -195,7 +202,7 @@ def _pretrain(
     train_seconds = time.time() - t0
     barrier(dist_info)
     if not dist_info.is_main:
-        return None
+        return PretrainResult(None, model, dist_info.rank)
     card = {
         "name": out.name,
         "architecture": config.to_dict(),
@@ -215,7 +222,7 @@ def _pretrain(
         card["eval"] = evaluate_classes(model, data, eval_cases, classes, preprocess)
     path = save_foundation(out, model, config, card, dtype=getattr(torch, settings.save_dtype))
     state_path.unlink(missing_ok=True)
-    return path
+    return PretrainResult(path, model, dist_info.rank)
 
 
 def evaluate_classes(model, data: Dataset, case_ids: Sequence[str], classes: dict[str, int], preprocess) -> dict:

@@ -1,0 +1,90 @@
+"""Pretraining: two torchrun processes stay in lock-step and write once; resume; misconfiguration."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from arenaseg.cli import main
+from arenaseg.models.foundation import load_foundation
+from arenaseg.train.distributed import init_distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_identical_weights_saved_once(phantoms, tmp_path):
+    out, digests = tmp_path / "model", tmp_path / "digests"
+    digests.mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        str(Path(__file__).with_name("ddp_worker.py")), str(phantoms), str(out), str(digests),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = (digests / "rank0.txt").read_text().split()
+    rank1 = (digests / "rank1.txt").read_text().split()
+    assert rank0[0] == rank1[0], "DDP ranks ended with different weights"
+    assert rank0[1] == str(out.with_suffix(".safetensors")) and rank1[1] == "None"  # only rank 0 writes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model")) == [
+        "model.json",
+        "model.md",
+        "model.safetensors",
+    ]
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["processes"] == 2 and card["classes"] == ["background", "liver", "spleen"]
+    model, config = load_foundation(out.with_suffix(".safetensors"))
+    assert config.class_names == ("background", "liver", "spleen")
+
+
+def test_resume_continues_to_the_same_weights(phantoms, tmp_path, monkeypatch):
+    common = ["pretrain", "--data", str(phantoms), "--cases", "phantom_0001,phantom_0002", "--organs", "liver",
+              "--steps", "3", "--warmup", "1", "--patches-per-step", "1", "--checkpoint-every", "1"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+
+    from arenaseg.data.sampling import PatchSampler
+
+    real = PatchSampler.batch
+
+    def dying(self, step, rank=0):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step, rank)
+
+    monkeypatch.setattr(PatchSampler, "batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(PatchSampler, "batch", real)
+    assert not (tmp_path / "killed.safetensors").exists() and (tmp_path / "killed.state.pt").exists()
+    assert main([*common, "--out", str(tmp_path / "killed")]) == 2  # refuses to restart silently
+    assert main([*common, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "killed.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_bad_pretrain_input(phantoms, tmp_path, capsys):
+    base = ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "m"), "--steps", "1"]
+    assert main([*base, "--organs", "liver,brain"]) == 2
+    assert "valid: spleen" in capsys.readouterr().err
+    assert main([*base, "--organs", "liver", "--cases", "phantom_0001,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_world_size_without_rendezvous_is_explained(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_distributed()
