@@ -280,14 +280,14 @@ def test_swin_unetr_default_targets_init_prune_and_merge() -> None:
 
 
 def test_rank_selection_on_a_rank_3_target() -> None:
-    """Fit W0 + Delta (rank 3) from r = 16: the l1 gate keeps exactly 3 components at the default lam, none when lam
+    """Fit W0 + Delta (rank 3) from r = 16: the l1 gate keeps exactly 3 components at a middle lam, none when lam
     exceeds every gradient v can receive, and all 16 without penalty.
 
-    The target is scaled so that Delta's projection on a random unit component b^T Delta a has rms lam (default):
+    The target is scaled so that Delta's projection on a random unit component b^T Delta a has rms lam:
     a fair fraction of the 16 random components is then recruited at step 0, and only the 3 true directions pay.
     """
     n, m, steps = 32, 32, 2000
-    default = ArenaConfig(rank=16)
+    default = ArenaConfig(rank=16, lam=1e-3, rho=1e-2, v_gradient="plain")  # the exact proximal-gradient step
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(m, 3, generator=g))
     w, _ = torch.linalg.qr(torch.randn(n, 3, generator=g))
@@ -304,7 +304,9 @@ def test_rank_selection_on_a_rank_3_target() -> None:
         layer = ArenaLinear(nn.Linear(n, m), rank=16, alpha=default.alpha)
         with torch.no_grad():
             target = layer.base_layer(x) + x @ delta.T
-        optimizer = ProximalOptimizer.for_model(layer, ArenaConfig(rank=16, lam=lam), lr=1e-2)
+        optimizer = ProximalOptimizer.for_model(
+            layer, ArenaConfig(rank=16, lam=lam, rho=default.rho, v_gradient="plain"), lr=1e-2
+        )
         for _ in range(steps):
             optimizer.zero_grad()
             (0.5 * (layer(x) - target).square().sum(1).mean()).backward()

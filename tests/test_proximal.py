@@ -52,7 +52,7 @@ def test_proximal_iterations_reach_the_closed_form_lasso_solution(schedule: str)
     solution = soft_threshold(x.T @ y, lam)  # argmin 0.5||y - X v||^2 + lam ||v||_1 for X^T X = I
     assert 0 < torch.count_nonzero(solution) < len(solution)
     v = nn.Parameter(torch.zeros(x.shape[1], dtype=torch.float64))
-    optimizer = ProximalOptimizer([], [v], lam=lam, rho=0.3, lr=0.1)
+    optimizer = ProximalOptimizer([], [v], lam=lam, rho=0.3, lr=0.1, v_gradient="plain")
     scheduler = {
         "constant": LambdaLR(optimizer, lambda _: 1.0),
         "exponential": ExponentialLR(optimizer, gamma=0.99),
@@ -74,7 +74,7 @@ def test_one_step_follows_the_documented_convention() -> None:
     w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7))
     reference_w = nn.Parameter(w.detach().clone())
     lam, rho, lr, eta = 0.4, 0.5, 1e-2, 0.25
-    optimizer = ProximalOptimizer([w], [v], lam=lam, rho=rho, lr=lr)
+    optimizer = ProximalOptimizer([w], [v], lam=lam, rho=rho, lr=lr, v_gradient="plain")
     reference = torch.optim.AdamW([reference_w], lr=lr)
     for opt in (optimizer, reference):
         LambdaLR(opt, lambda _: eta)
@@ -93,7 +93,7 @@ def test_one_step_follows_the_documented_convention() -> None:
 @pytest.mark.parametrize("freeze_pruned", [False, True])
 def test_a_zeroed_gate_comes_back_unless_frozen(freeze_pruned: bool) -> None:
     v = nn.Parameter(torch.tensor([0.05, 1.0, 0.0]))
-    optimizer = ProximalOptimizer([], [v], lam=0.1, rho=1.0, lr=1.0, freeze_pruned=freeze_pruned)
+    optimizer = ProximalOptimizer([], [v], lam=0.1, rho=1.0, lr=1.0, freeze_pruned=freeze_pruned, v_gradient="plain")
     v.grad = torch.tensor([0.0, 0.0, 0.0])  # prox alone: 0.05 -> 0, 1.0 -> 0.9, 0 stays
     optimizer.step()
     torch.testing.assert_close(v.detach(), torch.tensor([0.0, 0.9, 0.0]))
@@ -117,9 +117,11 @@ def train(model, optimizer, scheduler, x, y, steps: int) -> None:
         scheduler.step()
 
 
-def test_state_dict_round_trip_resumes_exactly() -> None:
+@pytest.mark.parametrize("v_gradient", ["plain", "adam"])
+def test_state_dict_round_trip_resumes_exactly(v_gradient: str) -> None:
     model, x, y = small_problem()
-    config = ArenaConfig(rank=4, lam=0.002, rho=0.5, freeze_pruned=True)
+    lam, rho = (0.002, 0.5) if v_gradient == "plain" else (0.6, 0.05)
+    config = ArenaConfig(rank=4, lam=lam, rho=rho, freeze_pruned=True, v_gradient=v_gradient)
     optimizer = ProximalOptimizer.for_model(model, config, lr=1e-2)
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[-1]["proximal"]
     assert optimizer.proximal_group["params"] == [model[0].arena_v]
@@ -159,3 +161,22 @@ def test_bad_arguments_raise() -> None:
         ProximalOptimizer(model.parameters(), [v], lam=0.1, rho=0.1)
     with pytest.raises(ValueError, match="no trainable ARENA gates"):
         ProximalOptimizer.for_model(nn.Linear(3, 3), ArenaConfig())
+
+
+def test_adam_direction_first_step_and_noise_pruning() -> None:
+    """Default direction: Adam's normalised gradient, so the first step moves every gate by rho*eta*sign(grad)
+    (minus the threshold) whatever the gradient's scale; a gate whose gradient only flips sign (noise) is driven
+    back to zero while one with a persistent pull keeps growing."""
+    v = nn.Parameter(torch.zeros(3))
+    lam, rho = 0.3, 0.1
+    optimizer = ProximalOptimizer([], [v], lam=lam, rho=rho, lr=1.0)
+    v.grad = torch.tensor([-1e-5, 5e-3, -2.0])
+    optimizer.step()
+    torch.testing.assert_close(v.detach(), rho * (1 - lam) * torch.tensor([1.0, -1.0, 1.0]), atol=1e-4, rtol=0)
+
+    gates = nn.Parameter(torch.zeros(2))
+    optimizer = ProximalOptimizer([], [gates], lam=lam, rho=rho, lr=1.0)
+    for step in range(200):
+        gates.grad = torch.tensor([-1e-4, 1e-4 * (-1) ** step])  # persistent pull vs. pure noise
+        optimizer.step()
+    assert gates[0] > 1.0 and gates[1] == 0

@@ -23,20 +23,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+V_GRADIENTS = ("adam", "plain")  # direction of the proximal step on v; see arenaseg.optim.proximal
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 
 
 @dataclass
 class ArenaConfig:
-    """Where ARENA goes and how it is regularised.
+    """Where ARENA goes and how it is regularised: the project's one global default, for every organ and k.
 
-    ``lam`` and ``rho`` are the project's one global default (the lead may retune them): the proximal step on v is
-    v <- soft_threshold(v - rho*eta_t*grad, rho*eta_t*lam) (see ``arenaseg.optim.proximal``), so a component is
-    recruited from v = 0, and stays active, only while |dL/dv_i| > lam: lam is a loss decrease per unit of component
-    magnitude. lam = 1e-3 is small against Dice-loss gradients (the loss lies in [0, 1]) so that few-shot training
-    can recruit components, and rho = 1e-2 keeps the plain gradient step on v at the order of AdamW's per-entry step
-    on A and B (lr ~1e-3) for gradients of order 0.1. With these values, the rank-3 test problem of
-    ``tests/test_arena_layers.py`` (target scaled so that its random-direction gradients are ~lam) ends at rank 3.
+    The proximal step on v is v <- soft_threshold(v - rho*eta_t*d, rho*eta_t*lam) (``arenaseg.optim.proximal``).
+    With the default direction d (``v_gradient="adam"``: Adam's normalised gradient, |d| <= ~1), rho = 1e-3 moves a
+    gate at most by AdamW's per-entry step on A and B (lr 1e-3), and lam is scale-free: a component stays on only
+    while its normalised pull |d| exceeds lam. lam = 0.3 sits just above the noise floor of |d| for a gradient of
+    random sign, sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so components driven by noise switch off
+    and components with a persistent pull survive; chosen from this argument, not by looking at any result.
+    With ``v_gradient="plain"`` (the exact step for L + lam*||v||_1), lam is in units of the loss gradient instead.
     ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
     step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
     """
@@ -44,9 +45,10 @@ class ArenaConfig:
     rank: int = 16
     alpha: float = 1.0
     target_modules: str | list[str] = DEFAULT_TARGETS
-    lam: float = 1e-3
-    rho: float = 1e-2
+    lam: float = 0.3
+    rho: float = 1e-3
     freeze_pruned: bool = False
+    v_gradient: str = "adam"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +63,8 @@ class ArenaConfig:
             raise ValueError(f"ArenaConfig.lam (l1 weight on v) must be >= 0, got {self.lam!r}")
         if not self.rho > 0:
             raise ValueError(f"ArenaConfig.rho (proximal step size on v) must be > 0, got {self.rho!r}")
+        if self.v_gradient not in V_GRADIENTS:
+            raise ValueError(f"ArenaConfig.v_gradient must be one of {V_GRADIENTS}, got {self.v_gradient!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             try:

@@ -56,6 +56,7 @@ class AdaptOptions:
     lam: float = ArenaConfig.lam
     rho: float = ArenaConfig.rho
     freeze_pruned: bool = ArenaConfig.freeze_pruned
+    v_gradient: str = ArenaConfig.v_gradient
     lr: float = 1e-3
     weight_decay: float = 1e-2
     total_steps: int | None = None
@@ -354,6 +355,7 @@ def adapt_model(model: nn.Module, method: str, options: AdaptOptions | None = No
                 lam=options.lam,
                 rho=options.rho,
                 freeze_pruned=options.freeze_pruned,
+                v_gradient=options.v_gradient,
             )
         else:
             peft_config = peft_baselines.peft_config(method, options, targets)
