@@ -25,19 +25,28 @@ def save_foundation(
 ) -> Path:
     """Write weights (+ card JSON/Markdown when given) atomically; returns the .safetensors path.
 
-    ``dtype=torch.float16`` halves a shipped file; `load_foundation` casts floating tensors back to the model's dtype.
+    ``dtype=torch.float16`` halves a shipped file: floating tensors are stored in it and integer buffers (the Swin
+    blocks' relative position indices, ~1 MB each as int64) as int16 when they fit; loading casts both back.
     """
     path = Path(path).with_suffix(".safetensors")
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
+    tensors = {k: _compact(v, dtype).detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict())})
     if card is not None:
         write_json(path.with_suffix(".json"), card)
         write_text(path.with_suffix(".md"), card_markdown(card))
     return path
+
+
+def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        return tensor
+    if tensor.is_floating_point():
+        return tensor.to(dtype)
+    small = torch.iinfo(torch.int16)
+    if tensor.numel() and small.min <= int(tensor.min()) and int(tensor.max()) <= small.max:
+        return tensor.to(torch.int16)
+    return tensor
 
 
 def read_config(path: str | Path) -> ModelConfig:
