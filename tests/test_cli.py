@@ -7,7 +7,6 @@ import argparse
 import pytest
 
 from arenaseg.cli import build_parser, main
-from arenaseg.models.registry import BUILTIN_DIR
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -39,7 +38,6 @@ def test_unknown_builtin_model_lists_the_names(phantoms, tmp_path, capsys):
     assert "btcv-fs" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (BUILTIN_DIR / "phantom-demo.safetensors").is_file(), reason="phantom-demo model not built")
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
     out = capsys.readouterr().out
