@@ -76,7 +76,7 @@ def test_resume_continues_to_the_same_weights(phantoms, tmp_path, monkeypatch):
 
 def test_bad_pretrain_input(phantoms, tmp_path, capsys):
     base = ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "m"), "--steps", "1"]
-    assert main([*base, "--organs", "liver,brain"]) == 2
+    assert main([*base, "--cases", "phantom_0001", "--organs", "liver,brain"]) == 2
     assert "valid: spleen" in capsys.readouterr().err
     assert main([*base, "--organs", "liver", "--cases", "phantom_0001,nope"]) == 2
     assert "nope" in capsys.readouterr().err
