@@ -274,6 +274,8 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     assert "model" in signature_mismatch(other_model, record)
     other_steps = cell_job(cells[0], later, {**overrides, "train": replace(overrides["train"], steps=3)})
     assert "train" in signature_mismatch(other_steps, record)
+    retrained = {**record, "model_sha256": "0" * 64}  # same model name, other weights (e.g. a re-pretrained built-in)
+    assert "model_sha256" in signature_mismatch(cell_job(cells[0], later, overrides), retrained)
 
 
 @pytest.mark.slow

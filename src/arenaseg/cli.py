@@ -70,6 +70,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         feature_size=args.feature_size,
         save_dtype=args.save_dtype,
+        sampling=args.sampling,
+        init=args.init,
     )
     result = pretrain(
         data,
@@ -378,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt (default: off)")
     p.add_argument(
+        "--init",
+        default="",
+        help="continue pretraining from this model (built-in name or our .safetensors; same classes and "
+        "architecture), with a fresh schedule; empty = random initialisation (default: empty)",
+    )
+    p.add_argument(
+        "--sampling",
+        default="class-balanced",
+        choices=("class-balanced", "pos-neg"),
+        help="patch centres: class-balanced = half background, half shared equally by the organs; pos-neg = "
+        "foreground:background 1:1, so large organs dominate (default: %(default)s)",
+    )
+    p.add_argument(
         "--save-dtype",
         default="float32",
         choices=("float32", "float16"),
@@ -420,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=t.warmup_steps, help="warm-up steps before cosine decay (default: %(default)s)"
     )
     p.add_argument(
-        "--cross-entropy", action="store_true", help="add binary cross-entropy to the Dice loss (default: Dice only)"
+        "--cross-entropy",
+        action=argparse.BooleanOptionalAction,
+        default=t.cross_entropy,
+        help="Dice + binary cross-entropy (nnU-Net's loss); --no-cross-entropy trains on Dice alone, which on "
+        "small organs can stall at predicting foreground everywhere (default: %(default)s)",
     )
     p.add_argument(
         "--checkpoint-every",

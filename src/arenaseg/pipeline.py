@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from arenaseg.data.datasets import Dataset, open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS, SupportDraw, draw_support
 from arenaseg.evaluate.inference import predict_volume, write_like
@@ -165,6 +165,7 @@ def run_adapt(job: AdaptJob) -> dict:
         "support_note": draw.note,
         "test_cases": tests,
         "model": job.model,
+        "model_sha256": file_digest(loaded.source),  # a name like btcv-fs can be retrained: this pins the weights
         "zero_shot_head_row": row[0] if row else None,
         "settings": {
             "train": asdict(settings),

@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from arenaseg.adapters.factory import LOW_RANK_METHODS, AdaptOptions
 from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_results
+from arenaseg.data.preprocess import file_digest
+from arenaseg.models.registry import model_file
 from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
 from arenaseg.utils.atomic import write_text
 
@@ -81,6 +83,12 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
+def model_digest(name_or_path: str) -> str | None:
+    """sha256 of the model's weights file: results of an earlier version of a model of that name never count."""
+    path = model_file(name_or_path)
+    return file_digest(path) if path is not None else None
+
+
 def job_signature(job: AdaptJob) -> dict:
     """What a finished run must share with ``job`` to count as this job's result (not where or when it ran)."""
     return _plain(
@@ -92,6 +100,7 @@ def job_signature(job: AdaptJob) -> dict:
             "shots": job.shots,
             "seed": job.seed,
             "model": job.model,
+            "model_sha256": model_digest(job.model),
             "test_cases": job.test_cases,
             "support_cases": job.support_cases,
             "train": asdict(dataclasses.replace(job.train, seed=job.seed)),
@@ -113,6 +122,7 @@ def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
         "shots": record.get("shots"),
         "seed": record.get("seed"),
         "model": record.get("model"),
+        "model_sha256": record.get("model_sha256"),
         "test_cases": record.get("test_cases"),
         # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
         "support_cases": record.get("support_cases") if job.support_cases is not None else None,

@@ -27,6 +27,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     ScaleIntensityRanged,
     Spacingd,
@@ -199,6 +200,23 @@ def random_patch_transform(settings: PreprocessSettings, num_samples: int) -> Ra
         neg=1,
         num_samples=num_samples,
         allow_smaller=False,
+    )
+
+
+def class_balanced_patch_transform(settings: PreprocessSettings, num_classes: int) -> RandCropByLabelClassesd:
+    """Half the patches centred on background, the other half shared equally by the organs: with 1:1
+    foreground:background centres a large organ (the liver) takes most foreground centres and small organs are
+    rarely seen. Classes absent from a volume are skipped for that volume."""
+    organs = num_classes - 1
+    return RandCropByLabelClassesd(
+        keys=["image", "label"],
+        label_key="label",
+        spatial_size=settings.patch_size,
+        ratios=[organs] + [1] * organs,
+        num_classes=num_classes,
+        num_samples=1,
+        allow_smaller=False,
+        warn=False,
     )
 
 

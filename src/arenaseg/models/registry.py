@@ -22,6 +22,12 @@ PUBLIC_SUFFIXES = (".pt", ".pth", ".ckpt")
 _SIDES = ("left", "right")
 
 
+def model_file(name_or_path: str) -> Path | None:
+    """The file a model name or path stands for, None when there is none (e.g. a built-in not installed)."""
+    path = BUILTIN_DIR / f"{name_or_path}.safetensors" if name_or_path in BUILTIN_NAMES else Path(name_or_path)
+    return path if path.is_file() else None
+
+
 def load_model(name_or_path: str) -> LoadedCheckpoint:
     """A built-in name, our own ``.safetensors`` file, or a public PyTorch checkpoint, loaded strictly."""
     if name_or_path in BUILTIN_NAMES:

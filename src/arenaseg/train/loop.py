@@ -30,7 +30,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 10
-    cross_entropy: bool = False
+    cross_entropy: bool = True  # Dice alone stalls on small organs: benchmarks/results/loss_stall.md
     checkpoint_every: int = 25
     stop_patience: int = 0
     stop_min_delta: float = 1e-3

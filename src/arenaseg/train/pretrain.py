@@ -6,6 +6,7 @@ writes files, always atomically.
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import time
@@ -19,9 +20,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from arenaseg.data.datasets import Dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import (
+    PreprocessSettings,
+    case_item,
+    class_balanced_patch_transform,
+    file_digest,
+    load_all,
+    preprocessed_dataset,
+)
 from arenaseg.data.sampling import PatchSampler
-from arenaseg.models.foundation import save_foundation
+from arenaseg.models.foundation import load_state_strict, save_foundation
+from arenaseg.models.registry import load_model
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from arenaseg.train.schedule import warmup_cosine
@@ -35,6 +44,9 @@ class PretrainResult:
     rank: int
 
 
+SAMPLINGS = ("class-balanced", "pos-neg")
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     steps: int = 1500
@@ -46,8 +58,12 @@ class PretrainSettings:
     seed: int = 0
     feature_size: int = 12
     save_dtype: str = "float32"
+    sampling: str = "class-balanced"
+    init: str = ""  # a model to continue from (built-in name or our .safetensors); "" = random initialisation
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         for name in ("steps", "patches_per_step", "checkpoint_every", "feature_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -156,9 +172,13 @@ def _pretrain(
         feature_size=settings.feature_size,
         class_names=("background", *classes),
     )
-    model = build_swin_unetr(config).to(device)
+    model = build_swin_unetr(config)
+    init_info = initialise_from(model, config, settings.init) if settings.init else {}
+    model.to(device)
     volumes = load_volumes(data, train_cases, classes, preprocess, cache_dir)
-    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed)
+    balanced = settings.sampling == "class-balanced"
+    crop = class_balanced_patch_transform(preprocess, len(classes) + 1) if balanced else None
+    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed, crop)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
     start = 0
@@ -212,6 +232,7 @@ def _pretrain(
         "classes": ["background", *classes],
         "preprocessing": preprocess.to_dict(),
         "settings": asdict(settings),
+        **({"init": init_info} if init_info else {}),
         "processes": dist_info.world_size,
         "train_seconds_this_session": round(train_seconds, 1),
         "device": device_name(device),
@@ -223,6 +244,28 @@ def _pretrain(
     path = save_foundation(out, model, config, card, dtype=getattr(torch, settings.save_dtype))
     state_path.unlink(missing_ok=True)
     return PretrainResult(path, model, dist_info.rank)
+
+
+def initialise_from(model: torch.nn.Module, config: ModelConfig, name_or_path: str) -> dict:
+    """Load a previous foundation model's weights (continued pretraining); its architecture and classes must be
+    the ones this run trains. Returns what the card records about it."""
+    loaded = load_model(name_or_path)
+    if loaded.config.to_dict() != config.to_dict():
+        raise ValueError(
+            f"--init {name_or_path}: its architecture/classes {loaded.config.to_dict()} differ from this run's "
+            f"{config.to_dict()}"
+        )
+    load_state_strict(model, loaded.model.state_dict(), source=name_or_path)
+    path = Path(loaded.source)
+    card = path.with_suffix(".json")
+    previous = json.loads(card.read_text()) if card.is_file() else {}
+    return {
+        "model": name_or_path,
+        "sha256": file_digest(path),
+        "git_commit": previous.get("git_commit", "unknown"),
+        "steps": previous.get("settings", {}).get("steps"),
+        "sampling": previous.get("settings", {}).get("sampling", "pos-neg"),
+    }
 
 
 def evaluate_classes(model, data: Dataset, case_ids: Sequence[str], classes: dict[str, int], preprocess) -> dict:
