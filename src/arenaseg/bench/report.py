@@ -149,12 +149,13 @@ def provenance(rows: Sequence[dict]) -> str:
     """Which cells, commits, models, devices and settings a table's numbers come from."""
 
     def distinct(key: str) -> str:
-        values = sorted({str(r[key]) for r in rows if r[key] is not None})
+        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
         return ", ".join(values) if values else MISSING
 
     lam = sorted({str(r["lam"]) for r in rows if r["lam"] is not None})
     return (
-        f"_From {len(rows)} finished cells; commit(s) {distinct('commit')}; model(s) {distinct('model')}; "
+        f"_From {len(rows)} finished cells; commit(s) {distinct('commit')}; model(s) {distinct('model')} "
+        f"(sha256 {distinct('model_sha256')}); loss {distinct('loss')}; "
         f"device(s) {distinct('device')}; steps {distinct('steps')}, patches/step {distinct('patches_per_step')}, "
         f"lr {distinct('lr')}, spacing {distinct('spacing')} mm, patch {distinct('patch')}"
         + (f", ARENA lambda {', '.join(lam)}" if lam else "")
