@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument("--organ", default="pancreas", help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="(default: %(default)s)")
     parser.add_argument("--every", type=int, default=50, help="probe interval in steps (default: %(default)s)")
+    defaults = TrainSettings()
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
+    parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
+    parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: ArenaConfig's)")
     parser.add_argument("--out", default="benchmarks/results/step_budget.md", help="(default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,8 +73,11 @@ def main() -> None:
         items = [case_item(data.case(c), {args.organ: 1}) for c in ids]
         return load_all(preprocessed_dataset(items, preprocess, {data.labels[args.organ]: 1}))
 
-    settings = replace(TrainSettings(), steps=args.steps)
-    _, adapted, _, _ = build_adapted("btcv-fs", args.organ, args.method, args.rank, None, settings.steps, 0)
+    settings = replace(defaults, steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale)
+    extra = {} if args.rho is None else {"rho": args.rho}
+    _, adapted, options, _ = build_adapted(
+        "btcv-fs", args.organ, args.method, args.rank, None, settings.steps, 0, **extra
+    )
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     probe_sampler = PatchSampler(volumes(probe_cases), preprocess, 2, seed=1)
     curve = [(0, probe(adapted.model, probe_sampler))]
@@ -92,7 +99,9 @@ def main() -> None:
         f"# {args.method} r={args.rank} on the {args.organ}: held-in patch Dice and logits against training steps",
         "",
         f"- command: `python benchmarks/step_budget.py --method {args.method} --rank {args.rank} --organ {args.organ} "
-        f"--steps {args.steps} --every {args.every}`",
+        f"--steps {args.steps} --every {args.every} --lr {args.lr} --head-lr-scale {args.head_lr_scale}"
+        + (f" --rho {args.rho}" if args.rho is not None else "")
+        + f"` (rho in effect: {options.rho})",
         f"- git commit {commit}; model btcv-fs; device cpu (1 thread); {datetime.datetime.now():%Y-%m-%d %H:%M}",
         f"- adapted on {', '.join(train_cases)}; probed on 6 fixed patches of {', '.join(probe_cases)} (all from "
         f"the BTCV-FS pretrain split); one run, its warm-up + cosine schedule spanning {args.steps} steps",

@@ -112,6 +112,31 @@ def test_arena_optimizer_steps_the_gates_proximally_and_the_rest_with_adamw() ->
     assert inner == trainable - {id(v) for v in gates}
 
 
+@pytest.mark.parametrize("method", ["lp", "fft", "lora", "adalora", "arena"])
+def test_the_new_head_steps_head_lr_scale_times_further(method: str) -> None:
+    """Adam's first step moves every weight by lr (sign of its gradient), so the head's step shows its lr."""
+    images, labels = batch()
+    moved = {}
+    for scale in (1.0, 10.0):
+        adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10, weight_decay=0.0))
+        optimizer = adapted.make_optimizer(lr=1e-3, head_lr_scale=scale)
+        covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert covered == {id(p) for p in adapted.network.parameters() if p.requires_grad}
+        head = adapted.network.get_submodule(HEAD_NAME).weight
+        before = head.detach().clone()
+        adapted.training_loss(images, labels, F.binary_cross_entropy_with_logits).backward()
+        optimizer.step()
+        moved[scale] = (head.detach() - before).abs().max().item()
+    assert moved[1.0] == pytest.approx(1e-3, rel=1e-3)
+    assert moved[10.0] == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_a_bad_head_lr_scale_is_refused() -> None:
+    adapted = adapt_model(fresh_model(), "lp")
+    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+        adapted.make_optimizer(head_lr_scale=0.0)
+
+
 def test_alpha_convention_gives_lora_and_arena_the_same_initial_scaling() -> None:
     lora = adapt_model(fresh_model(), "lora", AdaptOptions(rank=RANK))
     arena = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, alpha=3 * RANK))

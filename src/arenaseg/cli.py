@@ -97,6 +97,7 @@ def _train_settings(args: argparse.Namespace):
         steps=args.steps,
         patches_per_step=args.patches_per_step,
         lr=args.lr,
+        head_lr_scale=args.head_lr_scale,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup,
         cross_entropy=args.cross_entropy,
@@ -428,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--patches-per-step", type=int, default=t.patches_per_step, help="patches per step (default: %(default)s)"
     )
     p.add_argument("--lr", type=float, default=t.lr, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument(
+        "--head-lr-scale",
+        type=float,
+        default=t.head_lr_scale,
+        help="the new output head's lr as a multiple of --lr: it starts from random weights and must move further "
+        "than the adapters (default: %(default)s)",
+    )
     p.add_argument(
         "--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default: %(default)s)"
     )

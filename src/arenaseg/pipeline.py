@@ -98,8 +98,11 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
         raise PermissionError(f"run folder {out} is not writable: {err}") from err
 
 
-def build_adapted(model_name: str, organ: str, method: str, rank: int, lam: float | None, total_steps: int, seed: int):
-    """Foundation model + binary head (zero-shot init when the organ is one of its classes) + method."""
+def build_adapted(
+    model_name: str, organ: str, method: str, rank: int, lam: float | None, total_steps: int, seed: int, **options
+):
+    """Foundation model + binary head (zero-shot init when the organ is one of its classes) + method; ``options``
+    override further `AdaptOptions` fields."""
     from arenaseg.adapters import AdaptOptions, adapt_model
     from arenaseg.models.registry import class_row, load_model
 
@@ -107,7 +110,9 @@ def build_adapted(model_name: str, organ: str, method: str, rank: int, lam: floa
     loaded = load_model(model_name)
     row = class_row(loaded, organ)
     replace_with_binary_head(loaded.model, *(row if row else (None, None)))
-    options = AdaptOptions(rank=rank, total_steps=total_steps, **({"lam": lam} if lam is not None else {}))
+    if lam is not None:
+        options["lam"] = lam
+    options = AdaptOptions(rank=rank, total_steps=total_steps, **options)
     return loaded, adapt_model(loaded.model, method, options), options, row
 
 

@@ -33,7 +33,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from arenaseg.adapters import peft_baselines, report
-from arenaseg.adapters.arena import DEFAULT_TARGETS, ArenaConfig, ArenaLayer, apply_arena, arena_layers, prune_arena
+from arenaseg.adapters.arena import (
+    DEFAULT_TARGETS,
+    ArenaConfig,
+    ArenaLayer,
+    apply_arena,
+    arena_layers,
+    is_arena_v,
+    prune_arena,
+)
 from arenaseg.models.swin_unetr import HEAD_NAME
 from arenaseg.optim import proximal
 
@@ -173,15 +181,41 @@ class AdaptedModel:
         share = 100.0 * self.trainable_params / self.total_params
         return f"{self.method}: {self.trainable_params:,} of {self.total_params:,} parameters trainable ({share:.3f}%)"
 
-    def make_optimizer(self, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.Optimizer:
-        """AdamW on the trainable parameters; for ARENA a ProximalOptimizer (AdamW on A, B, head; prox on v)."""
+    def make_optimizer(
+        self, lr: float | None = None, weight_decay: float | None = None, head_lr_scale: float = 1.0
+    ) -> torch.optim.Optimizer:
+        """AdamW on the trainable parameters; for ARENA a ProximalOptimizer (AdamW on A, B, head; prox on v).
+
+        The new head gets ``head_lr_scale`` times the lr: it starts from random weights and is the only layer that
+        must move far, while AdamW moves each weight by about lr per step whatever its gradient.
+        """
         lr = self.options.lr if lr is None else lr
         weight_decay = self.options.weight_decay if weight_decay is None else weight_decay
+        if not head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale!r}")
+        head = {id(p) for p in _output_head(self.network).parameters() if p.requires_grad}
+        named = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
         if self.method == "arena":
-            inner = functools.partial(torch.optim.AdamW, weight_decay=weight_decay)
-            return proximal.ProximalOptimizer.for_model(self.network, self._arena_config, lr=lr, inner=inner)
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            named = [(n, p) for n, p in named if not is_arena_v(n)]
+        groups = [
+            {"params": [p for _, p in named if id(p) not in head], "lr": lr},
+            {"params": [p for _, p in named if id(p) in head], "lr": lr * head_lr_scale},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if self.method == "arena":
+            config = self._arena_config
+            gates = [p for n, p in self.network.named_parameters() if p.requires_grad and is_arena_v(n)]
+            return proximal.ProximalOptimizer(
+                groups,
+                gates,
+                lam=config.lam,
+                rho=config.rho,
+                lr=lr,
+                freeze_pruned=config.freeze_pruned,
+                v_gradient=config.v_gradient,
+                inner=functools.partial(torch.optim.AdamW, weight_decay=weight_decay),
+            )
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: peft_baselines.LossFn) -> torch.Tensor:
         """The method's training objective: ``loss_fn(logits, labels)``, plus for AdaLoRA PEFT's orthogonality term.

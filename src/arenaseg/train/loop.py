@@ -28,6 +28,7 @@ class TrainSettings:
     steps: int = 100
     patches_per_step: int = 2
     lr: float = 1e-3
+    head_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     warmup_steps: int = 10
     cross_entropy: bool = True  # Dice alone stalls on small organs: benchmarks/results/loss_stall.md
@@ -40,8 +41,8 @@ class TrainSettings:
         for name in ("steps", "patches_per_step", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or self.head_lr_scale <= 0:
+            raise ValueError(f"lr and head_lr_scale must be > 0, got {self.lr} and {self.head_lr_scale}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.stop_patience < 0 or self.stop_min_delta < 0:
             raise ValueError("weight_decay, warmup_steps, stop_patience and stop_min_delta must be >= 0")
 
@@ -95,7 +96,7 @@ def train_adapter(
         if settings.cross_entropy
         else DiceLoss(sigmoid=True, squared_pred=False)
     )
-    optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay)
+    optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay, settings.head_lr_scale)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
     stopper = PlateauStop(settings.stop_patience, settings.stop_min_delta)
     start, step_times, loss_value, stopped = 0, [], float("nan"), False
