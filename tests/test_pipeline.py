@@ -8,6 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from arenaseg import pipeline
@@ -86,10 +87,14 @@ def test_resume_after_kill_reaches_the_uninterrupted_tensors(phantoms, tiny_foun
     with pytest.raises(Killed):
         pipeline.run_adapt(_job(phantoms, tiny_foundation, killed))
     assert (killed / "checkpoint.pt").exists() and not (killed / "run.json").exists()
+    seconds_before_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["train_seconds"]
+    assert seconds_before_kill > 0
     # a plain rerun refuses and points at --resume
     monkeypatch.setattr(PatchSampler, "batch", real_batch)
     assert main(adapt_args(phantoms, tiny_foundation, killed, *common, steps="4")) == 2
     assert main(adapt_args(phantoms, tiny_foundation, killed, *common, "--resume", steps="4")) == 0
+    # the record counts the training time of both sessions, not only the resumed one
+    assert json.loads((killed / "run.json").read_text())["train_seconds"] > seconds_before_kill
     a, b = load_file(full / "adapter.safetensors"), load_file(killed / "adapter.safetensors")
     assert a.keys() == b.keys()
     for key in a:

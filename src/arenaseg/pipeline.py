@@ -150,9 +150,7 @@ def run_adapt(job: AdaptJob) -> dict:
     volumes = load_all(cached)
     sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
 
-    t0 = time.time()
     result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE, status=_status(adapted))
-    train_seconds = time.time() - t0
     trainable_while_training = adapted.trainable_params
     if job.method == "arena":
         from arenaseg.adapters.arena import prune_arena
@@ -185,7 +183,7 @@ def run_adapt(job: AdaptJob) -> dict:
         "stopped_early": result.stopped_early,
         "final_loss": result.final_loss,
         "seconds_per_step": result.seconds_per_step,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(result.train_seconds, 1),
         "peak_mem_mb": peak_memory_mb(),
         "device": device_name(next(adapted.model.parameters()).device),
         "git_commit": git_commit(),

@@ -32,8 +32,13 @@ class ArenaConfig:
     """Where ARENA goes and how it is regularised: the project's one global default, for every organ and k.
 
     The proximal step on v is v <- soft_threshold(v - rho*eta_t*d, rho*eta_t*lam) (``arenaseg.optim.proximal``).
-    With the default direction d (``v_gradient="adam"``: Adam's normalised gradient, |d| <= ~1), rho = 1e-3 moves a
-    gate at most by AdamW's per-entry step on A and B (lr 1e-3), and lam is scale-free: a component stays on only
+    With the default direction d (``v_gradient="adam"``: Adam's normalised gradient, |d| <= ~1), a gate moves by at
+    most rho*eta_t per step. rho = 1e-2, ten times the factors' lr: a component's magnitude is v alone (A rows and B
+    columns are unit vectors), while a LoRA component b a^T grows through all m entries of b at once, about
+    sqrt(m) (6 to 17 for the adapted layers here) times faster than one entry. With rho = lr = 1e-3, |v| stayed
+    below ~0.06 in 100 steps and ARENA's logits equalled a linear probe's to two decimals
+    (benchmarks/results/cell_logits.md); with rho = 1e-2 it departs from the probe (benchmarks/results/
+    step_budget_arena.md, pretrain-split cases only). lam is scale-free: a component stays on only
     while its normalised pull |d| exceeds lam. lam = 0.3 sits just above the noise floor of |d| for a gradient of
     random sign, sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so components driven by noise switch off
     and components with a persistent pull survive; chosen from this argument, not by looking at any result.
@@ -46,7 +51,7 @@ class ArenaConfig:
     alpha: float = 1.0
     target_modules: str | list[str] = DEFAULT_TARGETS
     lam: float = 0.3
-    rho: float = 1e-3
+    rho: float = 1e-2
     freeze_pruned: bool = False
     v_gradient: str = "adam"
 

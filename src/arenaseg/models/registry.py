@@ -22,23 +22,27 @@ PUBLIC_SUFFIXES = (".pt", ".pth", ".ckpt")
 _SIDES = ("left", "right")
 
 
+def model_path(name_or_path: str) -> Path:
+    """The file a built-in name or a path stands for (it may not exist)."""
+    return BUILTIN_DIR / f"{name_or_path}.safetensors" if name_or_path in BUILTIN_NAMES else Path(name_or_path)
+
+
 def model_file(name_or_path: str) -> Path | None:
     """The file a model name or path stands for, None when there is none (e.g. a built-in not installed)."""
-    path = BUILTIN_DIR / f"{name_or_path}.safetensors" if name_or_path in BUILTIN_NAMES else Path(name_or_path)
+    path = model_path(name_or_path)
     return path if path.is_file() else None
 
 
 def load_model(name_or_path: str) -> LoadedCheckpoint:
     """A built-in name, our own ``.safetensors`` file, or a public PyTorch checkpoint, loaded strictly."""
+    path = model_path(name_or_path)
     if name_or_path in BUILTIN_NAMES:
-        path = BUILTIN_DIR / f"{name_or_path}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(
                 f"built-in model {name_or_path!r} is not installed: {path} is missing "
                 f"(pass the path of a checkpoint file instead)"
             )
         return _load_own(path)
-    path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(
             f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_NAMES)}) nor an existing "

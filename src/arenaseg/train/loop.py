@@ -28,7 +28,7 @@ class TrainSettings:
     steps: int = 100
     patches_per_step: int = 2
     lr: float = 1e-3
-    head_lr_scale: float = 1.0
+    head_lr_scale: float = 10.0  # the new head starts from random weights: benchmarks/results/step_budget_lp.md
     weight_decay: float = 1e-4
     warmup_steps: int = 10
     cross_entropy: bool = True  # Dice alone stalls on small organs: benchmarks/results/loss_stall.md
@@ -78,6 +78,7 @@ class TrainResult:
     stopped_early: bool
     final_loss: float
     seconds_per_step: float
+    train_seconds: float  # summed over every session of a resumed run
 
 
 def train_adapter(
@@ -99,9 +100,11 @@ def train_adapter(
     optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay, settings.head_lr_scale)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
     stopper = PlateauStop(settings.stop_patience, settings.stop_min_delta)
-    start, step_times, loss_value, stopped = 0, [], float("nan"), False
+    start, step_times, loss_value, stopped, earlier_seconds = 0, [], float("nan"), False, 0.0
     if checkpoint.exists():
-        start, loss_value = _load_checkpoint(checkpoint, adapted, optimizer, scheduler, stopper, settings)
+        start, loss_value, earlier_seconds = _load_checkpoint(
+            checkpoint, adapted, optimizer, scheduler, stopper, settings
+        )
     model.train()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"adapt {adapted.method}")
     for step in bar:
@@ -119,7 +122,10 @@ def train_adapter(
         bar.set_postfix(loss=f"{loss_value:.3f}", **(status() if status else {}))
         done = step + 1
         if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
-            _save_checkpoint(checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped)
+            seconds = earlier_seconds + sum(step_times)
+            _save_checkpoint(
+                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, seconds
+            )
         if stopped:
             bar.write(f"stopping at step {done}: training loss plateaued for {settings.stop_patience} steps")
             break
@@ -128,6 +134,7 @@ def train_adapter(
         stopped_early=stopped,
         final_loss=loss_value,
         seconds_per_step=statistics.median(step_times) if step_times else float("nan"),
+        train_seconds=earlier_seconds + sum(step_times),
     )
 
 
@@ -135,7 +142,7 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped) -> None:
+def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, seconds) -> None:
     state = {
         "trainable": trainable_tensors(adapted.model),
         "optimizer": optimizer.state_dict(),
@@ -145,12 +152,13 @@ def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, ste
         "settings": asdict(settings),
         "step": step if not stopped else settings.steps,
         "loss": loss,
+        "train_seconds": seconds,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float]:
+def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["settings"] != asdict(settings):
         raise ValueError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
@@ -165,4 +173,4 @@ def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> 
     scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["stopper"])
     adapted.load_optimizer_side_state(state["method_state"])
-    return state["step"], state["loss"]
+    return state["step"], state["loss"], state["train_seconds"]
