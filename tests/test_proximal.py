@@ -161,6 +161,11 @@ def test_bad_arguments_raise() -> None:
         ProximalOptimizer(model.parameters(), [v], lam=0.1, rho=0.1)
     with pytest.raises(ValueError, match="no trainable ARENA gates"):
         ProximalOptimizer.for_model(nn.Linear(3, 3), ArenaConfig())
+    factors = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("arena_v")]
+    with pytest.raises(ValueError, match="every trainable parameter except the gates"):
+        ProximalOptimizer.for_model(model, ArenaConfig(), groups=[{"params": factors[1:]}])
+    with pytest.raises(ValueError, match="every trainable parameter except the gates"):
+        ProximalOptimizer.for_model(model, ArenaConfig(), groups=[{"params": [*factors, v]}])
 
 
 def test_adam_direction_first_step_and_noise_pruning() -> None:

@@ -203,17 +203,9 @@ class AdaptedModel:
         ]
         groups = [g for g in groups if g["params"]]
         if self.method == "arena":
-            config = self._arena_config
-            gates = [p for n, p in self.network.named_parameters() if p.requires_grad and is_arena_v(n)]
-            return proximal.ProximalOptimizer(
-                groups,
-                gates,
-                lam=config.lam,
-                rho=config.rho,
-                lr=lr,
-                freeze_pruned=config.freeze_pruned,
-                v_gradient=config.v_gradient,
-                inner=functools.partial(torch.optim.AdamW, weight_decay=weight_decay),
+            inner = functools.partial(torch.optim.AdamW, weight_decay=weight_decay)
+            return proximal.ProximalOptimizer.for_model(
+                self.network, self._arena_config, lr=lr, inner=inner, groups=groups
             )
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 

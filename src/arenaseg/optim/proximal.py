@@ -108,13 +108,19 @@ class ProximalOptimizer(Optimizer):
         config: ArenaConfig,
         lr: float = 1e-3,
         inner: Callable[..., Optimizer] = torch.optim.AdamW,
+        groups: list[dict[str, Any]] | None = None,
     ) -> ProximalOptimizer:
-        """Gates (``arena_v``) to the proximal step, every other trainable parameter to ``inner``."""
+        """Gates (``arena_v``) to the proximal step, every other trainable parameter to ``inner``: in one group, or
+        in ``groups`` (param groups that must hold exactly those parameters, e.g. with their own lr)."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         gates = [p for name, p in named if is_arena_v(name)]
         if not gates:
             raise ValueError(f"{type(model).__name__} has no trainable ARENA gates (arena_v): call apply_arena first")
         others = [p for name, p in named if not is_arena_v(name)]
+        if groups is not None:
+            if sorted(id(p) for g in groups for p in g["params"]) != sorted(id(p) for p in others):
+                raise ValueError("groups must hold every trainable parameter except the gates, each once")
+            others = groups
         return cls(
             others,
             gates,
