@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS
+from arenaseg.models.registry import model_file
 from arenaseg.pipeline import build_adapted
 from arenaseg.train.loop import TrainSettings, train_adapter
 
@@ -62,6 +63,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
     parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
     parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: ArenaConfig's)")
+    parser.add_argument(
+        "--cross-entropy",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.cross_entropy,
+        help="(default: %(default)s)",
+    )
     parser.add_argument("--out", default="benchmarks/results/step_budget.md", help="(default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -73,7 +80,9 @@ def main() -> None:
         items = [case_item(data.case(c), {args.organ: 1}) for c in ids]
         return load_all(preprocessed_dataset(items, preprocess, {data.labels[args.organ]: 1}))
 
-    settings = replace(defaults, steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale)
+    settings = replace(
+        defaults, steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale, cross_entropy=args.cross_entropy
+    )
     extra = {} if args.rho is None else {"rho": args.rho}
     _, adapted, options, _ = build_adapted(
         "btcv-fs", args.organ, args.method, args.rank, None, settings.steps, 0, **extra
@@ -94,6 +103,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         train_adapter(adapted, sampler, settings, Path(tmp) / "checkpoint.pt", status=probe_when_due)
+    model_sha = file_digest(model_file("btcv-fs"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"# {args.method} r={args.rank} on the {args.organ}: held-in patch Dice and logits against training steps",
@@ -101,8 +111,10 @@ def main() -> None:
         f"- command: `python benchmarks/step_budget.py --method {args.method} --rank {args.rank} --organ {args.organ} "
         f"--steps {args.steps} --every {args.every} --lr {args.lr} --head-lr-scale {args.head_lr_scale}"
         + (f" --rho {args.rho}" if args.rho is not None else "")
+        + ("" if args.cross_entropy else " --no-cross-entropy")
         + f"` (rho in effect: {options.rho})",
-        f"- git commit {commit}; model btcv-fs; device cpu (1 thread); {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"- git commit {commit}; model btcv-fs {model_sha[:12]}; device cpu (1 thread); "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         f"- adapted on {', '.join(train_cases)}; probed on 6 fixed patches of {', '.join(probe_cases)} (all from "
         f"the BTCV-FS pretrain split); one run, its warm-up + cosine schedule spanning {args.steps} steps",
         "",
