@@ -38,9 +38,9 @@ def fake_record(name: str, organ: str, k: int, seed: int, model: str) -> dict:
         "test_cases": TESTS,
         "model": model,
         "settings": {
-            "train": {"steps": 100, "patches_per_step": 2, "lr": 0.001},
+            "train": {"steps": 100, "patches_per_step": 2, "lr": 0.001, "head_lr_scale": 10.0},
             "preprocess": {"spacing": [3.0, 3.0, 3.0], "patch_size": [64, 64, 64]},
-            "options": {"rank": rank or 16, "lam": 0.05},
+            "options": {"rank": rank or 16, "lam": 0.05, "rho": 0.02},
         },
         "trainable_params": 13 if rank is None else 1000 * rank,
         "steps_done": 100,
@@ -139,7 +139,7 @@ def test_main_table_is_mean_and_std_over_seeds_of_the_organ_mean(bench):
         assert cells["Dice k=5"].startswith("**") == (method == best_dice)
         assert cells["HD95 k=5"].startswith("**") == (method == best_hd95)  # lower is better
     assert "commit(s) abc1234" in text and "foundation.safetensors" in text and "cpu (fixture)" in text
-    assert "steps 100" in text and "ARENA lambda 0.05" in text
+    assert "steps 100" in text and "lr 0.001 (head x10.0)" in text and "ARENA lambda 0.05, rho 0.02" in text
 
     pancreas = table(section(report, "Dice (%) per organ, k=5"))
     values = [records["arena-r64", "pancreas", 5, s]["mean_dice"] for s in (0, 1, 2)]

@@ -69,9 +69,11 @@ RESULT_COLUMNS = (
     "steps",
     "patches_per_step",
     "lr",
+    "head_lr_scale",
     "spacing",
     "patch",
     "lam",
+    "rho",
 )
 
 
@@ -348,9 +350,11 @@ def result_row(name: str, record: dict) -> dict:
         "steps": train.get("steps"),
         "patches_per_step": train.get("patches_per_step"),
         "lr": train.get("lr"),
+        "head_lr_scale": train.get("head_lr_scale"),
         "spacing": _first(preprocess.get("spacing")),
         "patch": _first(preprocess.get("patch_size")),
         "lam": settings.get("options", {}).get("lam") if method == "arena" else None,
+        "rho": settings.get("options", {}).get("rho") if method == "arena" else None,
     }
     return {k: "" if v is None else v for k, v in row.items()}
 

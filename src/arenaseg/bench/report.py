@@ -39,7 +39,18 @@ INT_COLUMNS = (
     "steps",
     "patches_per_step",
 )
-FLOAT_COLUMNS = ("mean_dice", "mean_hd95", "seconds_per_step", "peak_mem_mb", "train_seconds", "wall_s", "lr", "lam")
+FLOAT_COLUMNS = (
+    "mean_dice",
+    "mean_hd95",
+    "seconds_per_step",
+    "peak_mem_mb",
+    "train_seconds",
+    "wall_s",
+    "lr",
+    "head_lr_scale",
+    "lam",
+    "rho",
+)
 
 
 @dataclass(frozen=True)
@@ -148,17 +159,21 @@ def stat_columns(
 def provenance(rows: Sequence[dict]) -> str:
     """Which cells, commits, models, devices and settings a table's numbers come from."""
 
-    def distinct(key: str) -> str:
-        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+    def distinct_in(subset: Sequence[dict], key: str) -> str:
+        values = sorted({str(r[key]) for r in subset if r.get(key) is not None})
         return ", ".join(values) if values else MISSING
 
-    lam = sorted({str(r["lam"]) for r in rows if r["lam"] is not None})
+    def distinct(key: str) -> str:
+        return distinct_in(rows, key)
+
+    arena = [r for r in rows if r["lam"] is not None]
     return (
         f"_From {len(rows)} finished cells; commit(s) {distinct('commit')}; model(s) {distinct('model')} "
         f"(sha256 {distinct('model_sha256')}); loss {distinct('loss')}; "
         f"device(s) {distinct('device')}; steps {distinct('steps')}, patches/step {distinct('patches_per_step')}, "
-        f"lr {distinct('lr')}, spacing {distinct('spacing')} mm, patch {distinct('patch')}"
-        + (f", ARENA lambda {', '.join(lam)}" if lam else "")
+        f"lr {distinct('lr')} (head x{distinct('head_lr_scale')}), spacing {distinct('spacing')} mm, "
+        f"patch {distinct('patch')}"
+        + (f", ARENA lambda {distinct_in(arena, 'lam')}, rho {distinct_in(arena, 'rho')}" if arena else "")
         + "._"
     )
 
