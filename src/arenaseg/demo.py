@@ -26,9 +26,7 @@ MODEL = "phantom-demo"
 ORGAN = "liver"  # not among phantom-demo's classes: see its card
 SUPPORT = [f"phantom_{i:04d}" for i in range(1, 6)]
 TEST = [f"phantom_{i:04d}" for i in range(6, 10)]
-# Dice alone: in 40 steps, Dice + CE (the default) first pushes every logit of the fresh head below 0 and the
-# prediction stays empty (0.0 % here; benchmarks/results/step_budget.md shows the same on real CT).
-SETTINGS = TrainSettings(steps=40, patches_per_step=1, warmup_steps=4, seed=0, cross_entropy=False)
+SETTINGS = TrainSettings(steps=40, patches_per_step=1, warmup_steps=4, seed=0)
 
 
 def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:

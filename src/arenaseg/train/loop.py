@@ -31,7 +31,7 @@ class TrainSettings:
     head_lr_scale: float = 10.0  # the new head starts from random weights: benchmarks/results/step_budget_lp.md
     weight_decay: float = 1e-4
     warmup_steps: int = 10
-    cross_entropy: bool = True  # Dice alone stalls on small organs: benchmarks/results/loss_stall.md
+    cross_entropy: bool = False  # Dice + CE keeps a new organ's logits < 0: benchmarks/results/step_budget_v3_*.md
     checkpoint_every: int = 25
     stop_patience: int = 0
     stop_min_delta: float = 1e-3
