@@ -17,7 +17,9 @@ from arenaseg.bench.grid import (
     BTCV_ORGAN_ORDER,
     DEFAULT_METHODS,
     ERROR_FILE,
+    REPO_ROOT,
     RESULTS_FILE,
+    committed_results,
     export_results,
     parse_method,
     plan_cells,
@@ -276,6 +278,37 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     assert "train" in signature_mismatch(other_steps, record)
     retrained = {**record, "model_sha256": "0" * 64}  # same model name, other weights (e.g. a re-pretrained built-in)
     assert "model_sha256" in signature_mismatch(cell_job(cells[0], later, overrides), retrained)
+
+
+def test_committed_gpu_results_never_count_for_a_cpu_bench(grid, in_process, tmp_path):
+    _, cells, overrides = grid
+    out, _ = in_process
+    committed = tmp_path / "committed"
+    export_results(out, committed)
+    gpu_cell = committed / cells[0].rel_dir / pipeline.RUN_FILE
+    gpu_cell.write_text(json.dumps({**json.loads(gpu_cell.read_text()), "device": "NVIDIA H100 80GB HBM3"}))
+
+    later = tmp_path / "later"
+    rows_before = read_rows(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the in_process run, so that the rerun's numbers can be compared exactly
+    try:
+        summary = run_bench(cells[:1], later, job_overrides={**overrides, "device": "cpu"}, results_from=committed)
+    finally:
+        torch.set_num_threads(threads)
+    assert (summary.adopted, summary.ran, summary.failed) == (0, 1, [])
+    assert "ran on NVIDIA H100 80GB HBM3, this bench runs on a cpu" in summary.not_adopted[0]
+    assert read_rows(later)[0]["device"].startswith("cpu")
+    assert [{k: r[k] for k in RESULT_KEYS} for r in read_rows(later)] == [
+        {k: r[k] for k in RESULT_KEYS} for r in rows_before[:1]
+    ]
+
+
+def test_preset_results_folder_follows_the_device_kind():
+    assert committed_results("btcv-fs", "cpu") == REPO_ROOT / "benchmarks/results/btcv-fs-cpu"
+    gpu = REPO_ROOT / "benchmarks/results/btcv-fs-gpu"
+    assert committed_results("btcv-fs", "gpu") == (gpu if gpu.is_dir() else None)
+    assert committed_results("totalseg-fseft", "cpu") is None
 
 
 @pytest.mark.slow

@@ -39,6 +39,14 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+
+
 def _preprocess(args: argparse.Namespace) -> PreprocessSettings:
     if args.patch <= 0 or args.patch % 32:
         raise ValueError(f"--patch must be a positive multiple of 32 (Swin-UNETR downsamples 32x), got {args.patch}")
@@ -128,6 +136,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         train=_train_settings(args),
         preprocess=_preprocess(args),
         cache_dir=args.cache_dir,
+        device=args.device,
         overwrite=args.overwrite,
         resume=args.resume,
     )
@@ -162,7 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         outputs = [dst / p.name.replace("_0000.nii", ".nii") for p in inputs]
     else:
         inputs, outputs = [src], [dst]
-    for path in run_predict(args.run, inputs, outputs):
+    for path in run_predict(args.run, inputs, outputs, args.device):
         print(f"wrote {path}")
     return 0
 
@@ -209,6 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from arenaseg.bench.grid import committed_results, export_results, plan_cells, preset_model
     from arenaseg.bench.runner import run_bench
     from arenaseg.train.loop import TrainSettings
+    from arenaseg.utils.device import device_kind, resolve_device
 
     tests = args.test_cases if args.test_cases in ("auto", "none") else _csv(args.test_cases)
     cells = plan_cells(
@@ -222,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         partitions=args.partitions,
     )
     if args.results_from == "preset":
-        results_from = committed_results(args.preset)
+        results_from = committed_results(args.preset, device_kind(resolve_device(args.device)))
     else:
         results_from = None if args.results_from == "none" else args.results_from
     overrides = {
@@ -230,6 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "train": TrainSettings(steps=args.steps),
         "preprocess": _preprocess(args),
         "cache_dir": args.cache_dir,
+        "device": args.device,
     }
     summary = run_bench(cells, args.out, args.workers, args.address, overrides, results_from)
     print(summary.describe())
@@ -310,16 +321,18 @@ def add_bench_parsers(sub) -> None:
     p.add_argument(
         "--results-from",
         default="preset",
-        help=f"committed cell results that count as finished: preset (btcv-fs: {btcv.results}, when present), "
+        help="committed cell results that count as finished: preset (btcv-fs: "
+        f"{btcv.results.format(device='cpu')} or {btcv.results.format(device='gpu')} by --device, when present), "
         "none, or a folder (default: %(default)s)",
     )
     p.add_argument(
         "--export-to",
         default=None,
         help="after the run, copy the finished cells' run.json/metrics.json into this folder, e.g. "
-        f"{btcv.results} (default: none)",
+        f"{btcv.results.format(device='cpu')} (default: none)",
     )
     _add_preprocess_args(p)
+    _add_device_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="report.md (BENCHMARK.md's tables) and PNG plots from a bench folder")
@@ -472,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (default: refuse)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out (default: refuse)")
     _add_preprocess_args(p)
+    _add_device_arg(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("predict", help="segment new scans with an adapted run")
@@ -479,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="image .nii.gz, or a folder of them")
     p.add_argument("--output", required=True, help="output .nii.gz (or folder when --input is a folder)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references, on the references' grid")

@@ -26,8 +26,9 @@ from arenaseg.evaluate.inference import predict_volume, write_like
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
 from arenaseg.train.loop import TrainSettings, train_adapter
-from arenaseg.train.pretrain import device_name, git_commit
+from arenaseg.train.pretrain import git_commit
 from arenaseg.utils.atomic import write_json
+from arenaseg.utils.device import device_name, resolve_device
 
 RUN_FILE, METRICS_FILE, CHECKPOINT_FILE = "run.json", "metrics.json", "checkpoint.pt"
 
@@ -50,6 +51,7 @@ class AdaptJob:
     train: TrainSettings = field(default_factory=TrainSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     cache_dir: str | None = None
+    device: str = "auto"  # where it runs; not part of a result's settings (see bench.runner.job_signature)
     overwrite: bool = False
     resume: bool = False
 
@@ -121,6 +123,7 @@ def run_adapt(job: AdaptJob) -> dict:
     from arenaseg.adapters import save_adapter
 
     out = Path(job.out)
+    device = resolve_device(job.device)
     data = open_dataset(job.data)
     organ = data.check_organ(job.organ)
     if job.shots <= 0:
@@ -142,6 +145,9 @@ def run_adapt(job: AdaptJob) -> dict:
     loaded, adapted, options, row = build_adapted(
         job.model, organ, job.method, job.rank, job.lam, settings.steps, job.seed
     )
+    adapted.model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # one process may run many bench cells
     label_values = {organ: 1}
     mapping = {data.labels[organ]: 1} if data.layout == "nnunet" else None
     cached = preprocessed_dataset(
@@ -184,8 +190,8 @@ def run_adapt(job: AdaptJob) -> dict:
         "final_loss": result.final_loss,
         "seconds_per_step": result.seconds_per_step,
         "train_seconds": round(result.train_seconds, 1),
-        "peak_mem_mb": peak_memory_mb(),
-        "device": device_name(next(adapted.model.parameters()).device),
+        "peak_mem_mb": peak_memory_mb(device),
+        "device": device_name(device),
         "git_commit": git_commit(),
         "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
         "rank_report": report,
@@ -214,9 +220,10 @@ def _status(adapted):
     return lambda: {"rank": sum(a for _, a in active_ranks(adapted.model).values())}
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU: the peak of torch's allocations since the run began; CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
@@ -238,8 +245,8 @@ def evaluate_cases(model, data: Dataset, organ: str, case_ids: Sequence[str], pr
     return summarise(cases)
 
 
-def load_run(run_dir: str | Path):
-    """Rebuild the adapted model of a finished run (base model from run.json + saved adapter)."""
+def load_run(run_dir: str | Path, device: str = "cpu"):
+    """Rebuild the adapted model of a finished run (base model from run.json + saved adapter) on ``device``."""
     import json
 
     from arenaseg.adapters import load_adapter
@@ -252,11 +259,14 @@ def load_run(run_dir: str | Path):
     loaded = load_model(record["model"])
     replace_with_binary_head(loaded.model)
     adapted = load_adapter(loaded.model, run_dir)
+    adapted.model.to(resolve_device(device))
     return adapted, record
 
 
-def run_predict(run_dir: str | Path, inputs: Sequence[Path], outputs: Sequence[Path]) -> list[Path]:
-    adapted, record = load_run(run_dir)
+def run_predict(
+    run_dir: str | Path, inputs: Sequence[Path], outputs: Sequence[Path], device: str = "auto"
+) -> list[Path]:
+    adapted, record = load_run(run_dir, device)
     preprocess = PreprocessSettings(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"]["preprocess"].items()}
     )

@@ -80,7 +80,8 @@ RESULT_COLUMNS = (
 @dataclass(frozen=True)
 class Preset:
     """A protocol's default grid. ``organs`` None: every structure of the partition lists; ``model`` None: the user
-    must name the foundation model; ``results``: the committed results folder, relative to the repository."""
+    must name the foundation model; ``results``: the committed results folder, relative to the repository, with
+    ``{device}`` standing for cpu or gpu (CPU and GPU rows never share a table)."""
 
     name: str
     methods: tuple[str, ...]
@@ -93,7 +94,13 @@ class Preset:
 
 PRESETS = {
     "btcv-fs": Preset(
-        "btcv-fs", DEFAULT_METHODS, BTCV_ORGAN_ORDER, SHOTS_ORDER, SEEDS, "btcv-fs", "benchmarks/results/btcv-fs-cpu"
+        "btcv-fs",
+        DEFAULT_METHODS,
+        BTCV_ORGAN_ORDER,
+        SHOTS_ORDER,
+        SEEDS,
+        "btcv-fs",
+        "benchmarks/results/btcv-fs-{device}",
     ),
     # FSEFT's own protocol on the user's TotalSegmentator copy: no committed results (the data is not ours).
     "totalseg-fseft": Preset("totalseg-fseft", DEFAULT_METHODS, None, SHOTS_ORDER, SEEDS, None, None),
@@ -132,10 +139,14 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def committed_results(preset: str) -> Path | None:
-    """The preset's committed results folder in this checkout, None when it has none (or is not there)."""
+def committed_results(preset: str, device_kind: str = "cpu") -> Path | None:
+    """The preset's committed results folder for ``device_kind`` (cpu or gpu) in this checkout, None when it has
+    none (or is not there)."""
     rel = get_preset(preset).results
-    return REPO_ROOT / rel if rel and (REPO_ROOT / rel).is_dir() else None
+    if not rel:
+        return None
+    folder = REPO_ROOT / rel.format(device=device_kind)
+    return folder if folder.is_dir() else None
 
 
 def preset_model(preset: str, model: str | None) -> str:

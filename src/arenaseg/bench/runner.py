@@ -23,6 +23,7 @@ from arenaseg.data.preprocess import file_digest
 from arenaseg.models.registry import model_file
 from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
 from arenaseg.utils.atomic import write_text
+from arenaseg.utils.device import device_kind, resolve_device
 
 # AdaptJob fields that the cell (or the runner) decides; job_overrides may set any other field.
 CELL_FIELDS = frozenset(
@@ -184,6 +185,7 @@ def run_bench(
     if source is not None and not source.is_dir():
         raise FileNotFoundError(f"committed results folder not found: {source}")
     jobs = [cell_job(cell, out, job_overrides) for cell in cells]
+    device = resolve_device(jobs[0].device if jobs else "auto")  # an absent GPU fails here, before any cell
 
     summary = BenchSummary(total=len(jobs))
     pending = []
@@ -197,7 +199,7 @@ def run_bench(
         else:
             pending.append(job)
     if source is not None:
-        pending = [job for job in pending if not _adopt(job, out, source, summary)]
+        pending = [job for job in pending if not _adopt(job, out, source, summary, device_kind(device))]
     summary.results = rebuild_results(out)
 
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="bench", unit="cell")
@@ -219,20 +221,24 @@ def run_bench(
                 show(1)
                 done(job, run_cell(job))
         elif pending:
-            _run_on_ray(pending, workers, address, show, done)
+            _run_on_ray(pending, workers, address, show, done, gpus=device.type == "cuda")
     finally:
         show(0)
         bar.close()
     return summary
 
 
-def _adopt(job: AdaptJob, out: Path, source: Path, summary: BenchSummary) -> bool:
-    """Take a committed result of ``job``'s cell into OUT when it was run with the same settings."""
+def _adopt(job: AdaptJob, out: Path, source: Path, summary: BenchSummary, kind: str) -> bool:
+    """Take a committed result of ``job``'s cell into OUT when it was run with the same settings on the same kind
+    of device (``kind``: cpu or gpu; its timings and memory are not comparable across kinds)."""
     rel = Path(job.out).relative_to(out)
     committed = source / rel
     if not (committed / RUN_FILE).is_file():
         return False
-    mismatch = signature_mismatch(job, json.loads((committed / RUN_FILE).read_text()))
+    record = json.loads((committed / RUN_FILE).read_text())
+    mismatch = signature_mismatch(job, record)
+    if mismatch is None and device_kind(record.get("device")) != kind:
+        mismatch = f"it ran on {record.get('device')}, this bench runs on a {kind}"
     if mismatch:
         summary.not_adopted.append(f"{rel}: {mismatch}")
         return False
@@ -248,9 +254,11 @@ def _run_on_ray(
     address: str | None,
     show: Callable[[int], None],
     done: Callable[[AdaptJob, str | None], None],
+    gpus: bool = False,
 ) -> None:
     """At most ``workers`` cells in flight; each task runs in a fresh worker process (``max_calls=1``) so that its
-    peak memory and thread settings are its own."""
+    peak memory and thread settings are its own. With ``gpus``, each task also reserves 1/``workers`` of a GPU
+    (whole GPUs when the cluster has more than ``workers``), so Ray spreads the cells over the GPUs it sees."""
     import ray
 
     started = not ray.is_initialized()
@@ -262,7 +270,10 @@ def _run_on_ray(
     try:
         threads, reserve = _thread_share(ray, workers, local=address is None)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-        task = ray.remote(num_cpus=reserve, max_calls=1, runtime_env={"env_vars": env})(_cell_task)
+        gpu_share = min(1.0, int(ray.cluster_resources().get("GPU", 0)) / workers) if gpus else 0
+        if gpus and gpu_share == 0:
+            raise ValueError("the cells run on a GPU, but Ray sees none")
+        task = ray.remote(num_cpus=reserve, num_gpus=gpu_share, max_calls=1, runtime_env={"env_vars": env})(_cell_task)
         queue, running = list(jobs), {}
         while queue or running:
             while queue and len(running) < workers:

@@ -7,7 +7,7 @@ writes files, always atomically.
 from __future__ import annotations
 
 import json
-import platform
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.device import device_name
 
 
 @dataclass
@@ -72,6 +73,8 @@ class PretrainSettings:
 
 
 def git_commit() -> str:
+    """Short commit of this code; $ARENASEG_COMMIT names it where the code was copied without its .git (e.g. a
+    working tree shipped to a rented GPU machine)."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -81,13 +84,7 @@ def git_commit() -> str:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return os.environ.get("ARENASEG_COMMIT", "unknown")
 
 
 def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The BTCV-FS grid on one GPU within a fixed time budget, as one prepared script (a device lease is short).
+#
+# One `arenaseg bench --workers 1` process per (organ, seed), all sharing the GPU; each keeps its own bench folder
+# under $WORK so that the processes never write the same results.csv. Phase A runs the cells the issue needs first
+# (pancreas and gallbladder, k = 5); phase B adds the other two novel organs and k = 1, 10 until the deadline.
+# Unfinished cells are simply absent (a bench resumes them on a later run). Finished cells, logs and a timing
+# line per phase are packed into $OUT/gpu_results.tar.gz (or ./gpu_results.tar.gz without $OUT).
+#
+# Environment: DATA (btcv30 folder), SECONDS_BUDGET (default 480), STEPS (default: the global default),
+# DEVICE (default cuda), METHODS, ORGANS_A, ORGANS_B, SEEDS, THREADS_A, THREADS_B, WORK.
+set -uo pipefail
+
+DATA=${DATA:?set DATA to the btcv30 folder}
+BUDGET=${SECONDS_BUDGET:-480}
+DEVICE=${DEVICE:-cuda}
+METHODS=${METHODS:-arena-r16,lora-r16,lp,fft,arena-r4,lora-r4,arena-r64,lora-r64,adalora-r16}
+ORGANS_A=${ORGANS_A:-pancreas gallbladder}
+ORGANS_B=${ORGANS_B:-esophagus portal_and_splenic_vein}
+SEEDS=${SEEDS:-0 1 2}
+WORK=${WORK:-/tmp/arenaseg_gpu}
+DEST=${OUT:-$PWD}
+STEPS_ARG=${STEPS:+--steps $STEPS}
+export ARENASEG_CACHE=$WORK/cache TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+mkdir -p "$WORK/logs"
+END=$((SECONDS + BUDGET))
+
+bench() {  # organ seed shots threads
+    local name=$1_s$2
+    timeout --signal=INT $((END - SECONDS > 0 ? END - SECONDS : 1)) \
+        python3 -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
+        --organs "$1" --seeds "$2" --shots "$3" --methods "$METHODS" --workers 1 --results-from none \
+        --device "$DEVICE" --threads "$4" $STEPS_ARG >>"$WORK/logs/$name.log" 2>&1
+}
+
+phase() {  # label organs shots threads
+    local t0=$SECONDS
+    for organ in $2; do
+        for seed in $SEEDS; do
+            bench "$organ" "$seed" "$3" "$4" &
+        done
+    done
+    wait
+    echo "phase $1 ($2; k $3) ended after $((SECONDS - t0)) s; $((END - SECONDS)) s left" | tee -a "$WORK/logs/phases.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/logs/gpu.txt"
+phase A "$ORGANS_A" 5 "${THREADS_A:-2}"
+if ((END - SECONDS > 30)); then
+    phase B "$ORGANS_A $ORGANS_B" 5,1,10 "${THREADS_B:-1}"
+fi
+
+# run.json, metrics.json and error.txt of every cell (no adapters), plus the logs
+(cd "$WORK" && find bench -name run.json -o -name metrics.json -o -name error.txt | tar czf "$DEST/gpu_results.tar.gz" -T - logs)
+echo "finished cells: $(find "$WORK/bench" -name run.json | wc -l)"

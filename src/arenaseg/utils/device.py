@@ -1,0 +1,41 @@
+"""Which torch device a job runs on, and how a result names it (so CPU and GPU numbers never mix unnoticed)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU when torch sees one, else the CPU; naming an absent GPU is an error, not a
+    silent fall-back, because CPU and GPU runs of one benchmark must not be confused."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: use {DEVICE_CHOICES}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use {DEVICE_CHOICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_kind(device: torch.device | str | None) -> str:
+    """ "cpu" or "gpu", of a torch device or of a `device_name` string (as stored in run.json and results.csv)."""
+    if isinstance(device, torch.device):
+        return "gpu" if device.type == "cuda" else "cpu"
+    return "cpu" if str(device or "").startswith("cpu") else "gpu"
