@@ -8,7 +8,9 @@
 # line per phase are packed into $OUT/gpu_results.tar.gz (or ./gpu_results.tar.gz without $OUT).
 #
 # Environment: DATA (btcv30 folder), SECONDS_BUDGET (default 480), STEPS (default: the global default),
-# DEVICE (default cuda), METHODS, ORGANS_A, ORGANS_B, SEEDS, THREADS_A, THREADS_B, WORK.
+# DEVICE (default cuda), METHODS, ORGANS_A, ORGANS_B, SHOTS_A, SHOTS_B, SEEDS, THREADS_A, THREADS_B, WORK,
+# RESULTS_FROM (default none; preset adopts the committed benchmarks/results/btcv-fs-gpu cells), and
+# ARENASEG_COMMIT (the commit of the copied code; the copy's .git may be stale).
 set -uo pipefail
 
 DATA=${DATA:?set DATA to the btcv30 folder}
@@ -18,6 +20,9 @@ METHODS=${METHODS:-arena-r16,lora-r16,lp,fft,arena-r4,lora-r4,arena-r64,lora-r64
 ORGANS_A=${ORGANS_A:-pancreas gallbladder}
 ORGANS_B=${ORGANS_B:-esophagus portal_and_splenic_vein}
 SEEDS=${SEEDS:-0 1 2}
+SHOTS_A=${SHOTS_A:-5}
+SHOTS_B=${SHOTS_B:-5,1,10}
+RESULTS_FROM=${RESULTS_FROM:-none}
 WORK=${WORK:-/tmp/arenaseg_gpu}
 DEST=${OUT:-$PWD}
 STEPS_ARG=${STEPS:+--steps $STEPS}
@@ -29,7 +34,7 @@ bench() {  # organ seed shots threads
     local name=$1_s$2
     timeout --signal=INT $((END - SECONDS > 0 ? END - SECONDS : 1)) \
         python3 -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
-        --organs "$1" --seeds "$2" --shots "$3" --methods "$METHODS" --workers 1 --results-from none \
+        --organs "$1" --seeds "$2" --shots "$3" --methods "$METHODS" --workers 1 --results-from "$RESULTS_FROM" \
         --device "$DEVICE" --threads "$4" $STEPS_ARG >>"$WORK/logs/$name.log" 2>&1
 }
 
@@ -45,9 +50,9 @@ phase() {  # label organs shots threads
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/logs/gpu.txt"
-phase A "$ORGANS_A" 5 "${THREADS_A:-2}"
+phase A "$ORGANS_A" "$SHOTS_A" "${THREADS_A:-2}"
 if ((END - SECONDS > 30)); then
-    phase B "$ORGANS_A $ORGANS_B" 5,1,10 "${THREADS_B:-1}"
+    phase B "$ORGANS_A $ORGANS_B" "$SHOTS_B" "${THREADS_B:-1}"
 fi
 
 # run.json, metrics.json and error.txt of every cell (no adapters), plus the logs

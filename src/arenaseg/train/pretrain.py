@@ -73,8 +73,10 @@ class PretrainSettings:
 
 
 def git_commit() -> str:
-    """Short commit of this code; $ARENASEG_COMMIT names it where the code was copied without its .git (e.g. a
-    working tree shipped to a rented GPU machine)."""
+    """Short commit of this code. $ARENASEG_COMMIT, when set, wins: a working tree copied to another machine (e.g.
+    a rented GPU) may carry no .git, or a stale one that names an older commit."""
+    if os.environ.get("ARENASEG_COMMIT"):
+        return os.environ["ARENASEG_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -84,7 +86,7 @@ def git_commit() -> str:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ARENASEG_COMMIT", "unknown")
+        return "unknown"
 
 
 def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:
