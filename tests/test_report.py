@@ -224,3 +224,15 @@ def test_transfer_not_run_and_results_rebuilt_when_lost(tmp_path):
 def test_report_needs_a_bench_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `arenaseg bench"):
         write_report(tmp_path)
+
+
+def test_report_over_chosen_organs_gives_means_where_the_full_set_cannot(bench):
+    out, records, full = bench
+    assert table(section(full, "Table 1"))["arena-r64"]["Dice k=5"] == MISSING  # esophagus never ran
+    chosen = [o for o in NOVEL_ORGANS if o != "esophagus"]
+    rows = table(section(write_report(out, chosen).read_text(), "Table 1"))
+    seeds = [s for s in SEEDS_BY_K[5] if all(("arena-r64", o, 5, s) in records for o in chosen)]
+    per_seed = [statistics.fmean(records["arena-r64", o, 5, s]["mean_dice"] for o in chosen) for s in seeds]
+    assert rows["arena-r64"]["Dice k=5"].strip("*") == fmt(per_seed)
+    with pytest.raises(ValueError, match="have no finished cell .* present: "):
+        write_report(out, ["liver"])

@@ -252,7 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from arenaseg.bench.report import write_report
 
-    print(f"wrote {write_report(args.out)}")
+    print(f"wrote {write_report(args.out, _csv(args.organs) if args.organs else None)}")
     return 0
 
 
@@ -337,6 +337,12 @@ def add_bench_parsers(sub) -> None:
 
     p = sub.add_parser("report", help="report.md (BENCHMARK.md's tables) and PNG plots from a bench folder")
     p.add_argument("out", help="bench folder holding results.csv (rebuilt from cells/ when missing)")
+    p.add_argument(
+        "--organs",
+        default=None,
+        help="comma-separated organs that the tables' means and the plots cover, e.g. those whose grid is "
+        "complete (default: the four novel organs of BTCV-FS, or every organ run)",
+    )
     p.set_defaults(func=cmd_report)
 
 
