@@ -23,6 +23,7 @@ from arenaseg.adapters import (
 )
 from arenaseg.models.swin_unetr import HEAD_NAME, ModelConfig, build_swin_unetr, replace_with_binary_head
 from arenaseg.optim.proximal import ProximalOptimizer
+from arenaseg.train.loop import TrainSettings
 
 RANK = 4
 # The smallest input the tiny Swin-UNETR accepts: sides multiples of 32, and more than one voxel per channel at
@@ -135,6 +136,18 @@ def test_a_bad_head_lr_scale_is_refused() -> None:
     adapted = adapt_model(fresh_model(), "lp")
     with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
         adapted.make_optimizer(head_lr_scale=0.0)
+    with pytest.raises(ValueError, match="AdaptOptions.head_lr_scale must be > 0"):
+        AdaptOptions(head_lr_scale=-1.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "arena"])
+def test_the_python_api_optimizer_defaults_are_the_training_loops(method: str) -> None:
+    """`make_optimizer()` without arguments must train like `arenaseg adapt` (one global default)."""
+    defaults = TrainSettings()
+    optimizer = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10)).make_optimizer()
+    groups = optimizer.inner.param_groups if method == "arena" else optimizer.param_groups
+    assert sorted(g["lr"] for g in groups) == pytest.approx([defaults.lr, defaults.lr * defaults.head_lr_scale])
+    assert {g["weight_decay"] for g in groups} == {defaults.weight_decay}
 
 
 def test_alpha_convention_gives_lora_and_arena_the_same_initial_scaling() -> None:

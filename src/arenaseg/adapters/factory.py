@@ -44,6 +44,7 @@ from arenaseg.adapters.arena import (
 )
 from arenaseg.models.swin_unetr import HEAD_NAME
 from arenaseg.optim import proximal
+from arenaseg.train.loop import TrainSettings
 
 METHODS = ("arena", "lora", "adalora", "dora", "pissa", "fft", "lp", "bitfit", "affine-ln")
 LOW_RANK_METHODS = ("arena", *peft_baselines.PEFT_METHODS)
@@ -65,8 +66,10 @@ class AdaptOptions:
     rho: float = ArenaConfig.rho
     freeze_pruned: bool = ArenaConfig.freeze_pruned
     v_gradient: str = ArenaConfig.v_gradient
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
+    # make_optimizer()'s defaults: the training loop's global ones, so that the Python API trains like the CLI
+    lr: float = TrainSettings.lr
+    weight_decay: float = TrainSettings.weight_decay
+    head_lr_scale: float = TrainSettings.head_lr_scale
     total_steps: int | None = None
     adalora_target_rank: int | None = None
     adalora_tinit: int = 0
@@ -98,6 +101,8 @@ class AdaptOptions:
             raise bad("lr", "> 0")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", ">= 0")
+        if not self.head_lr_scale > 0:
+            raise bad("head_lr_scale", "> 0")
         if self.total_steps is not None and not _is_int(self.total_steps, 1):
             raise bad("total_steps", "an integer >= 1 or None")
         if not _is_int(self.adalora_target_rank, 1) or self.adalora_target_rank > self.rank:
@@ -182,15 +187,17 @@ class AdaptedModel:
         return f"{self.method}: {self.trainable_params:,} of {self.total_params:,} parameters trainable ({share:.3f}%)"
 
     def make_optimizer(
-        self, lr: float | None = None, weight_decay: float | None = None, head_lr_scale: float = 1.0
+        self, lr: float | None = None, weight_decay: float | None = None, head_lr_scale: float | None = None
     ) -> torch.optim.Optimizer:
         """AdamW on the trainable parameters; for ARENA a ProximalOptimizer (AdamW on A, B, head; prox on v).
 
         The new head gets ``head_lr_scale`` times the lr: it starts from random weights and is the only layer that
-        must move far, while AdamW moves each weight by about lr per step whatever its gradient.
+        must move far, while AdamW moves each weight by about lr per step whatever its gradient. Arguments left
+        None come from the options (by default the global `TrainSettings` values).
         """
         lr = self.options.lr if lr is None else lr
         weight_decay = self.options.weight_decay if weight_decay is None else weight_decay
+        head_lr_scale = self.options.head_lr_scale if head_lr_scale is None else head_lr_scale
         if not head_lr_scale > 0:
             raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale!r}")
         head = {id(p) for p in _output_head(self.network).parameters() if p.requires_grad}
