@@ -5,7 +5,8 @@ organ's voxels highest (benchmarks/cell_logits.py): no logit had crossed 0 yet. 
 on the BTCV-FS *pretrain* split only (never the support pool or the test cases), so that a global step budget can
 be chosen without looking at test data: adapt on 5 pretrain cases containing the organ, and every --every steps
 report the Dice and the logits on 6 fixed patches of 3 other pretrain cases. Not a test.
-Usage: python benchmarks/step_budget.py [--method arena] [--rank 16] [--organ pancreas] [--steps 300] [--every 50]
+Usage: python benchmarks/step_budget.py [--method arena] [--rank 16] [--lam 0.3] [--organ pancreas] [--steps 300]
+       [--every 50]
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
     parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
     parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: ArenaConfig's)")
+    parser.add_argument("--lam", type=float, default=None, help="ARENA lambda (default: ArenaConfig's)")
     parser.add_argument(
         "--cross-entropy",
         action=argparse.BooleanOptionalAction,
@@ -85,7 +87,7 @@ def main() -> None:
     )
     extra = {} if args.rho is None else {"rho": args.rho}
     _, adapted, options, _ = build_adapted(
-        "btcv-fs", args.organ, args.method, args.rank, None, settings.steps, 0, **extra
+        "btcv-fs", args.organ, args.method, args.rank, args.lam, settings.steps, 0, **extra
     )
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     probe_sampler = PatchSampler(volumes(probe_cases), preprocess, 2, seed=1)
@@ -111,8 +113,9 @@ def main() -> None:
         f"- command: `python benchmarks/step_budget.py --method {args.method} --rank {args.rank} --organ {args.organ} "
         f"--steps {args.steps} --every {args.every} --lr {args.lr} --head-lr-scale {args.head_lr_scale}"
         + (f" --rho {args.rho}" if args.rho is not None else "")
+        + (f" --lam {args.lam}" if args.lam is not None else "")
         + ("" if args.cross_entropy else " --no-cross-entropy")
-        + f"` (rho in effect: {options.rho})",
+        + f"` (rho in effect: {options.rho}, lambda in effect: {options.lam})",
         f"- git commit {commit}; model btcv-fs {model_sha[:12]}; device cpu (1 thread); "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         f"- adapted on {', '.join(train_cases)}; probed on 6 fixed patches of {', '.join(probe_cases)} (all from "
