@@ -230,6 +230,8 @@ def test_killed_and_resumed_grid_yields_exactly_one_row_per_cell(grid, in_proces
         ("lp", "pancreas", "1", "0"),
     ]
     assert all(r["steps_done"] == "2" and r["mean_dice"] != "" for r in rows)  # the resumed cell lost no steps
+    # the cell killed after its last step still reports its training speed (from the checkpoint's step times)
+    assert all(float(r["seconds_per_step"]) > 0 for r in rows)
     lp, arena = sorted(rows, key=lambda r: r["method"] != "lp")
     assert lp["support_cases"] == arena["support_cases"] and TEST_CASE not in lp["support_cases"]  # one draw
     record = json.loads((out / cells[1].rel_dir / pipeline.RUN_FILE).read_text())

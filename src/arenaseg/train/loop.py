@@ -77,7 +77,7 @@ class TrainResult:
     steps_done: int
     stopped_early: bool
     final_loss: float
-    seconds_per_step: float
+    seconds_per_step: float  # median over every session of a resumed run (also one killed after its last step)
     train_seconds: float  # summed over every session of a resumed run
 
 
@@ -100,9 +100,9 @@ def train_adapter(
     optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay, settings.head_lr_scale)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
     stopper = PlateauStop(settings.stop_patience, settings.stop_min_delta)
-    start, step_times, loss_value, stopped, earlier_seconds = 0, [], float("nan"), False, 0.0
+    start, step_times, loss_value, stopped, earlier_times = 0, [], float("nan"), False, []
     if checkpoint.exists():
-        start, loss_value, earlier_seconds = _load_checkpoint(
+        start, loss_value, earlier_times = _load_checkpoint(
             checkpoint, adapted, optimizer, scheduler, stopper, settings
         )
     model.train()
@@ -122,19 +122,20 @@ def train_adapter(
         bar.set_postfix(loss=f"{loss_value:.3f}", **(status() if status else {}))
         done = step + 1
         if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
-            seconds = earlier_seconds + sum(step_times)
+            times = earlier_times + step_times
             _save_checkpoint(
-                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, seconds
+                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, times
             )
         if stopped:
             bar.write(f"stopping at step {done}: training loss plateaued for {settings.stop_patience} steps")
             break
+    times = earlier_times + step_times
     return TrainResult(
         steps_done=(step + 1) if step_times else start,
         stopped_early=stopped,
         final_loss=loss_value,
-        seconds_per_step=statistics.median(step_times) if step_times else float("nan"),
-        train_seconds=earlier_seconds + sum(step_times),
+        seconds_per_step=statistics.median(times) if times else float("nan"),
+        train_seconds=sum(times),
     )
 
 
@@ -142,7 +143,7 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, seconds) -> None:
+def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, step_seconds) -> None:
     state = {
         "trainable": trainable_tensors(adapted.model),
         "optimizer": optimizer.state_dict(),
@@ -152,13 +153,14 @@ def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, ste
         "settings": asdict(settings),
         "step": step if not stopped else settings.steps,
         "loss": loss,
-        "train_seconds": seconds,
+        "step_seconds": list(step_seconds),  # every step's time so far, so that a resumed run reports them all
+        "train_seconds": sum(step_seconds),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float, float]:
+def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["settings"] != asdict(settings):
         raise ValueError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
@@ -173,4 +175,4 @@ def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> 
     scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["stopper"])
     adapted.load_optimizer_side_state(state["method_state"])
-    return state["step"], state["loss"], state["train_seconds"]
+    return state["step"], state["loss"], list(state.get("step_seconds", []))  # absent before 2026-11-27
