@@ -236,3 +236,12 @@ def test_report_over_chosen_organs_gives_means_where_the_full_set_cannot(bench):
     assert rows["arena-r64"]["Dice k=5"].strip("*") == fmt(per_seed)
     with pytest.raises(ValueError, match="have no finished cell .* present: "):
         write_report(out, ["liver"])
+
+
+def test_an_unmeasured_step_time_is_left_out_of_the_efficiency_mean(tmp_path):
+    out = tmp_path / "bench"
+    records = write_cells(out, [("lp", "pancreas", 5, s) for s in (0, 1)], str(tmp_path / "no-card.safetensors"))
+    unmeasured = out / cell_dir("lp", "pancreas", 5, 0) / "run.json"
+    unmeasured.write_text(json.dumps({**records["lp", "pancreas", 5, 0], "seconds_per_step": float("nan")}))
+    row = table(section(write_report(out).read_text(), "Table 3"))["lp"]
+    assert row["s/step"].strip("*") == f"{records['lp', 'pancreas', 5, 1]['seconds_per_step']:.2f}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -248,7 +249,8 @@ def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
 
 
 def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
-    values = [r[key] for r in rows if r["method"] == method and r[key] is not None]
+    """Mean over the method's cells that measured ``key`` (older resumed cells could record a NaN step time)."""
+    values = [r[key] for r in rows if r["method"] == method and r[key] is not None and not math.isnan(r[key])]
     return statistics.fmean(values) if values else None
 
 
