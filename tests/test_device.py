@@ -30,6 +30,7 @@ def test_device_kind_reads_names_and_devices():
     assert device_kind(torch.device("cpu")) == "cpu"
     assert device_kind(torch.device("cuda")) == "gpu"
     assert device_kind("NVIDIA H100 80GB HBM3") == "gpu"
+    assert device_kind(None) == device_kind("") == "unknown"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

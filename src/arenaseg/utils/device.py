@@ -35,7 +35,10 @@ def device_name(device: torch.device) -> str:
 
 
 def device_kind(device: torch.device | str | None) -> str:
-    """ "cpu" or "gpu", of a torch device or of a `device_name` string (as stored in run.json and results.csv)."""
+    """The kind, cpu or gpu, of a torch device or of a `device_name` string (as stored in run.json); "unknown"
+    for a record that names no device, so that it never passes for either kind."""
     if isinstance(device, torch.device):
         return "gpu" if device.type == "cuda" else "cpu"
-    return "cpu" if str(device or "").startswith("cpu") else "gpu"
+    if not device:
+        return "unknown"
+    return "cpu" if device.startswith("cpu") else "gpu"
