@@ -1,0 +1,166 @@
+"""The protocol-v2 probe: adapt on pretrain-split cases, measure on other pretrain-split cases (BENCHMARK.md).
+
+Every global choice of the benchmark (decoder policy, step budget and stopping rule, learning rates, ARENA's lambda
+and rho) is made from the output of this script, never from the support pool or the test cases. One run adapts
+on the first ``--shots`` BTCV-FS pretrain cases that contain the organ and records:
+
+- the training loss of every step (so that a stopping rule can be replayed on it afterwards: `probe_report.py`);
+- Dice on fixed held-in patches of 3 other pretrain cases every ``--every`` steps;
+- Dice on the 3 held-in whole volumes (sliding window, original grid) at the start and at the end;
+- for ARENA the total active rank at every probe point.
+
+The JSON is rewritten after every probe point, so a killed run leaves what it measured. Not a test.
+Usage: python benchmarks/probe.py --organ right_kidney --method lora-r64 --steps 300 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from arenaseg.adapters.arena import active_ranks
+from arenaseg.bench.grid import parse_method
+from arenaseg.data.datasets import open_dataset
+from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
+from arenaseg.data.sampling import PatchSampler
+from arenaseg.data.splits import BTCV_FS
+from arenaseg.models.registry import model_file
+from arenaseg.pipeline import build_adapted, evaluate_cases
+from arenaseg.train.loop import TrainSettings, train_adapter
+from arenaseg.train.pretrain import git_commit
+from arenaseg.utils.atomic import write_json
+
+
+def patch_dice(model: torch.nn.Module, sampler: PatchSampler) -> float:
+    """Hard Dice (%) pooled over 6 fixed held-in patches (3 batches of 2)."""
+    was_training = model.training
+    model.eval()
+    inter = total = 0.0
+    with torch.no_grad():
+        for step in range(10_000, 10_003):
+            images, labels = sampler.batch(step)
+            pred, fg = model(images) > 0, labels > 0
+            inter += (pred & fg).sum().item()
+            total += pred.sum().item() + fg.sum().item()
+    model.train(was_training)
+    return 200 * inter / max(total, 1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainSettings()
+    parser.add_argument("--data", default="../shared/data/btcv30", help="btcv30 folder (default: %(default)s)")
+    parser.add_argument("--model", default="btcv-fs", help="foundation model (default: %(default)s)")
+    parser.add_argument("--organ", default="right_kidney", help="(default: %(default)s)")
+    parser.add_argument("--method", default="arena-r16", help="grid method name, e.g. lp, fft, lora-r64 (default: %(default)s)")
+    parser.add_argument("--shots", type=int, default=5, help="pretrain cases to adapt on (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="step cap; the schedule spans it (default: %(default)s)")
+    parser.add_argument("--every", type=int, default=50, help="patch-Dice interval in steps (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
+    parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
+    parser.add_argument("--lam", type=float, default=None, help="ARENA lambda (default: the library's)")
+    parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: the library's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--out", default="benchmarks/results/probe", help="output folder (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="suffix of the output file name (default: none)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    method, rank = parse_method(args.method)
+
+    data, preprocess = open_dataset(args.data), PreprocessSettings()
+    organ = data.check_organ(args.organ)
+    cases = [c for c in BTCV_FS.pretrain if data.has_organ(c, organ)]
+    train_cases, held_in = cases[: args.shots], cases[args.shots : args.shots + 3]
+    if len(held_in) < 3:
+        raise SystemExit(f"only {len(cases)} pretrain cases contain {organ}: too few for {args.shots} + 3")
+
+    def volumes(ids):
+        items = [case_item(data.case(c), {organ: 1}) for c in ids]
+        return load_all(preprocessed_dataset(items, preprocess, {data.labels[organ]: 1}))
+
+    settings = TrainSettings(steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale)
+    extra = {} if args.rho is None else {"rho": args.rho}
+    torch.manual_seed(0)
+    _, adapted, options, row = build_adapted(
+        args.model, organ, method, rank or 16, args.lam, settings.steps, 0, **extra
+    )
+    sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
+    held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
+
+    name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "") + args.tag
+    out = Path(args.out) / f"{name}.json"
+    record = {
+        "command": "python benchmarks/probe.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "git_commit": git_commit(),
+        "model": args.model,
+        "model_sha256": file_digest(model_file(args.model))[:12],
+        "device": f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
+        "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
+        "organ": organ,
+        "track": "base" if row else "novel",
+        "method": args.method,
+        "options": options.to_dict(),
+        "train": asdict(settings),
+        "train_cases": train_cases,
+        "held_in_cases": held_in,
+        "trainable_params": adapted.trainable_params,
+        "loss": [],
+        "patch_dice": [],
+        "active_rank": [],
+        "volume_dice": {},
+    }
+
+    def active_rank() -> int | None:
+        return sum(a for _, a in active_ranks(adapted.model).values()) if method == "arena" else None
+
+    def volume_dice(step: int) -> None:
+        metrics = evaluate_cases(adapted.model, data, organ, held_in, preprocess)
+        record["volume_dice"][str(step)] = {"mean": metrics["mean_dice"], **metrics["cases"]}
+        print(f"step {step}: held-in volume Dice {metrics['mean_dice']:.1f}", flush=True)
+
+    def probe_point(step: int) -> None:
+        record["patch_dice"].append([step, patch_dice(adapted.model, held_in_patches)])
+        record["active_rank"].append([step, active_rank()])
+        print(f"step {step}: held-in patch Dice {record['patch_dice'][-1][1]:.1f}", flush=True)
+        write_json(out, record)
+
+    training_loss = adapted.training_loss
+
+    def recorded_loss(images, labels, loss_fn):
+        loss = training_loss(images, labels, loss_fn)
+        record["loss"].append(round(loss.item(), 5))
+        return loss
+
+    adapted.training_loss = recorded_loss
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if row:
+        volume_dice(0)
+    probe_point(0)
+
+    def status() -> dict:
+        steps = len(record["loss"])
+        if steps % args.every == 0:
+            probe_point(steps)
+        return {}
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_adapter(adapted, sampler, settings, Path(tmp) / "checkpoint.pt", status=status)
+    record["train_seconds"] = round(time.time() - t0, 1)
+    record["seconds_per_step"] = result.seconds_per_step
+    volume_dice(result.steps_done)
+    record["finished"] = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
+    write_json(out, record)
+    print(json.dumps({k: record[k] for k in ("patch_dice", "volume_dice")}))
+
+
+if __name__ == "__main__":
+    main()
