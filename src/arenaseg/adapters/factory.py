@@ -11,9 +11,10 @@ Policies shared by all methods, so that comparisons differ only in the method:
 
 - the output head (``HEAD_NAME``, replaced by the caller with the task's head beforehand) is trained by every
   method unless ``train_head=False`` (which ``lp`` forbids); adapters may not target it;
-- the low-rank methods adapt ``target_modules`` (default: the Swin blocks' qkv/proj/mlp linears) and keep every
-  other weight frozen, decoder included: its full convolutions would outnumber the adapters' parameters many times
-  over (and overfit 1-10 scans), and the comparison would no longer be about the adapters;
+- the low-rank methods adapt ``target_modules`` (default: the Swin blocks' qkv/proj/mlp linears); what happens to
+  the convolutional decoder (every module outside ``swinViT`` but the head) is the ``decoder`` policy: ``frozen``
+  (the default, the base track's), ``full`` (trained in full at ``decoder_lr_scale`` times the lr, FSEFT's
+  novel-organ recipe) or ``lowrank`` (the method's own adapters on the decoder's Conv3d layers too);
 - scaling: ``alpha`` is LoRA's ``lora_alpha`` and defaults to ``rank`` (LoRA/DoRA/PiSSA/AdaLoRA scaling
   lora_alpha / r = 1). ARENA's scaling s is not divided by the rank (see ``arena.py``), so it gets
   s = alpha / rank: both start from the same effective scale, and ARENA's stays fixed while it prunes.
@@ -48,6 +49,10 @@ from arenaseg.train.loop import TrainSettings
 
 METHODS = ("arena", "lora", "adalora", "dora", "pissa", "fft", "lp", "bitfit", "affine-ln")
 LOW_RANK_METHODS = ("arena", *peft_baselines.PEFT_METHODS)
+DECODER_POLICIES = ("frozen", "full", "lowrank")
+ENCODER_PREFIX = "swinViT."
+# The decoder's 3x3x3 / 1x1x1 convolutions (MONAI SwinUNETR's encoder1-10 skip blocks and decoder1-5 up blocks).
+DECODER_CONVS = r"(encoder\d+|decoder\d+)\..*conv\d\.conv"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class AdaptOptions:
     adalora_delta_t: int = 1
     orth_reg_weight: float = 0.5
     train_head: bool = True
+    decoder: str = "frozen"
+    decoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -114,6 +121,10 @@ class AdaptOptions:
             raise bad("adalora_delta_t", "an integer >= 1")
         if not self.orth_reg_weight >= 0:
             raise bad("orth_reg_weight", ">= 0")
+        if self.decoder not in DECODER_POLICIES:
+            raise bad("decoder", f"one of {', '.join(DECODER_POLICIES)}")
+        if not self.decoder_lr_scale > 0:
+            raise bad("decoder_lr_scale", "> 0")
         targets = self.target_modules
         if isinstance(targets, str):
             try:
@@ -204,15 +215,27 @@ class AdaptedModel:
         named = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
         if self.method == "arena":
             named = [(n, p) for n, p in named if not is_arena_v(n)]
+        decoder = set()
+        if self.options.decoder == "full":
+            decoder = {id(p) for n, p in named if not n.startswith(ENCODER_PREFIX) and id(p) not in head}
         groups = [
-            {"params": [p for _, p in named if id(p) not in head], "lr": lr},
+            {"params": [p for _, p in named if id(p) not in head and id(p) not in decoder], "lr": lr},
+            {"params": [p for _, p in named if id(p) in decoder], "lr": lr * self.options.decoder_lr_scale},
             {"params": [p for _, p in named if id(p) in head], "lr": lr * head_lr_scale},
         ]
         groups = [g for g in groups if g["params"]]
         if self.method == "arena":
             inner = functools.partial(torch.optim.AdamW, weight_decay=weight_decay)
-            return proximal.ProximalOptimizer.for_model(
-                self.network, self._arena_config, lr=lr, inner=inner, groups=groups
+            config = self._arena_config
+            return proximal.ProximalOptimizer(
+                groups,
+                [p for n, p in self.network.named_parameters() if p.requires_grad and is_arena_v(n)],
+                lam=config.lam,
+                rho=config.rho,
+                lr=lr,
+                freeze_pruned=config.freeze_pruned,
+                v_gradient=config.v_gradient,
+                inner=inner,
             )
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
@@ -373,12 +396,16 @@ def adapt_model(model: nn.Module, method: str, options: AdaptOptions | None = No
     head = _output_head(model)
     if method == "lp" and not options.train_head:
         raise ValueError("lp trains the head only, so it needs train_head=True")
+    if options.decoder != "frozen" and method not in LOW_RANK_METHODS:
+        raise ValueError(f"the decoder policy applies to the low-rank methods; {method} needs decoder='frozen'")
     base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     targets: list[str] = []
     arena_config = peft_config = None
     if method in LOW_RANK_METHODS:
         targets = resolve_targets(model, options.target_modules)
+        if options.decoder == "lowrank":
+            targets += [t for t in resolve_targets(model, DECODER_CONVS) if t not in targets]
         _check_targets(model, method, targets)
         if method == "arena":
             arena_config = ArenaConfig(
@@ -393,16 +420,18 @@ def adapt_model(model: nn.Module, method: str, options: AdaptOptions | None = No
         else:
             peft_config = peft_baselines.peft_config(method, options, targets)
     plain = _plain_trainables(model, method)
+    if options.decoder == "full":
+        plain += [p for n, p in model.named_parameters() if not n.startswith(ENCODER_PREFIX)]
 
     # From here on the model changes; nothing below is expected to raise.
     model.requires_grad_(False)
-    for p in plain:
-        p.requires_grad_(True)
     runnable: nn.Module = model
     if arena_config is not None:
         apply_arena(model, arena_config)
     elif peft_config is not None:
         runnable = peft_baselines.wrap_with_peft(model, method, peft_config)
+    for p in plain:  # after PEFT's wrapping, which marks only its adapters trainable
+        p.requires_grad_(True)
     head.requires_grad_(options.train_head)
     return AdaptedModel(
         model=runnable,
