@@ -158,7 +158,7 @@ def test_every_block_gets_gradient_by_the_second_step() -> None:
     torch.manual_seed(0)
     layer = ArenaLinear(nn.Linear(8, 6), rank=4, alpha=1.0)
     x, target = torch.randn(16, 8), torch.randn(16, 6)
-    optimizer = ProximalOptimizer.for_model(layer, ArenaConfig(lam=0.0, rho=0.1), lr=1e-2)
+    optimizer = ProximalOptimizer([layer.arena_A, layer.arena_B], [layer.arena_v], lam=0.0, rho=0.1, lr=1e-2)
     grads = []
     for _ in range(2):
         optimizer.zero_grad()
@@ -188,7 +188,8 @@ def test_prune_keeps_the_function_and_shrinks_the_factors(kind: str) -> None:
     assert torch.equal(layer.arena_A, a[keep]) and torch.equal(layer.arena_B, b[:, keep])
     assert torch.equal(layer.arena_v, v[keep])
     assert all(p.requires_grad for p in (layer.arena_A, layer.arena_B, layer.arena_v))
-    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=0)
+    # Outputs reach ~2.4, where float32 rounding is ~2e-7 and a shorter sum rounds differently; the delta is ~2.
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
     with torch.no_grad():
         layer.arena_v.zero_()
     layer.prune_()
@@ -272,7 +273,9 @@ def test_swin_unetr_default_targets_init_prune_and_merge() -> None:
         prune_arena(model)
         assert active_ranks(model) == {n: (4, 4 - i % 4) for i, n in enumerate(names)}
         assert all(layer.arena_v.numel() == 4 - i % 4 for i, layer in enumerate(arena_layers(model).values()))
-        torch.testing.assert_close(model(x), adapted_out, atol=1e-6, rtol=0)
+        # Pruning shortens the sums, so rounding moves logits of size ~3 by up to ~1e-6 (measured 9e-7, too close to
+        # a 1e-6 bound); the adapter moves them by ~1e-2, so 1e-5 keeps a margin on both sides.
+        torch.testing.assert_close(model(x), adapted_out, atol=1e-5, rtol=0)
         assert merge_arena(model) is model
         assert not arena_layers(model) and list(model.state_dict()) == base_keys
         assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
@@ -304,8 +307,8 @@ def test_rank_selection_on_a_rank_3_target() -> None:
         layer = ArenaLinear(nn.Linear(n, m), rank=16, alpha=default.alpha)
         with torch.no_grad():
             target = layer.base_layer(x) + x @ delta.T
-        optimizer = ProximalOptimizer.for_model(
-            layer, ArenaConfig(rank=16, lam=lam, rho=default.rho, v_gradient="plain"), lr=1e-2
+        optimizer = ProximalOptimizer(
+            [layer.arena_A, layer.arena_B], [layer.arena_v], lam=lam, rho=default.rho, v_gradient="plain", lr=1e-2
         )
         for _ in range(steps):
             optimizer.zero_grad()

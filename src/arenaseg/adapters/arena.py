@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-V_GRADIENTS = ("adam", "plain")  # direction of the proximal step on v; see arenaseg.optim.proximal
+from arenaseg.optim.proximal import V_GRADIENTS  # direction of the proximal step on v
+
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 
 

@@ -21,6 +21,11 @@ where the direction d is chosen by ``v_gradient``:
 
 A zeroed entry comes back when its step exceeds the threshold (a proximal step, not a hard mask); with
 ``freeze_pruned=True`` (default False) entries that were non-zero and then reached zero stay zero.
+
+The step runs on all gates at once (one flat vector, a fixed number of kernels whatever the number of gates), as
+PyTorch's foreach optimizers do: a model holds one small gate tensor per adapted layer, and a Python loop issuing
+several kernels per gate made ARENA's GPU step slower than LoRA's. This module knows nothing of the adapter type:
+the caller hands it the gate tensors.
 """
 
 from __future__ import annotations
@@ -29,11 +34,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
-from arenaseg.adapters.arena import V_GRADIENTS, ArenaConfig, is_arena_v
-
+V_GRADIENTS = ("adam", "plain")  # the direction d of the step on v (see above)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8  # AdamW's default, so that v and the factors A, B react alike to vanishing gradients
 
@@ -48,10 +51,12 @@ def soft_threshold(x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
 class ProximalOptimizer(Optimizer):
     """One optimizer object (so that any LR scheduler and checkpoint code work) over two blocks of parameters.
 
+    ``params`` (tensors or param groups, e.g. with their own lr) go to the inner optimizer, ``v_params`` (the gates,
+    for ARENA every ``arena_v``) to the proximal step; lam, rho, freeze_pruned and v_gradient are the step's numbers.
     ``param_groups`` is the inner optimizer's groups (the same dicts, so schedulers reach them) followed by the
     proximal group of the gates. ``inner`` is an optimizer class/factory called as ``inner(params, lr=lr)`` or an
     optimizer already built on the ordinary parameters (then ``params`` must be empty). ``params`` may be empty when
-    only gates are trained.
+    only gates are trained. The gates must share one dtype and device (they are concatenated).
     """
 
     def __init__(
@@ -77,6 +82,9 @@ class ProximalOptimizer(Optimizer):
         params, v_params = list(params), list(v_params)
         if not v_params:
             raise ValueError("ProximalOptimizer needs at least one gate parameter v")
+        inner_ids = {id(p) for item in params for p in (item["params"] if isinstance(item, dict) else [item])}
+        if inner_ids & {id(v) for v in v_params}:
+            raise ValueError("a gate is also among the inner optimizer's parameters: give each parameter once")
         if isinstance(inner, Optimizer):
             if params:
                 raise ValueError("give either params or an already built inner optimizer, not both")
@@ -101,37 +109,6 @@ class ProximalOptimizer(Optimizer):
             self.state[v]["exp_avg"] = torch.zeros_like(v)
             self.state[v]["exp_avg_sq"] = torch.zeros_like(v)
 
-    @classmethod
-    def for_model(
-        cls,
-        model: nn.Module,
-        config: ArenaConfig,
-        lr: float = 1e-3,
-        inner: Callable[..., Optimizer] = torch.optim.AdamW,
-        groups: list[dict[str, Any]] | None = None,
-    ) -> ProximalOptimizer:
-        """Gates (``arena_v``) to the proximal step, every other trainable parameter to ``inner``: in one group, or
-        in ``groups`` (param groups that must hold exactly those parameters, e.g. with their own lr)."""
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        gates = [p for name, p in named if is_arena_v(name)]
-        if not gates:
-            raise ValueError(f"{type(model).__name__} has no trainable ARENA gates (arena_v): call apply_arena first")
-        others = [p for name, p in named if not is_arena_v(name)]
-        if groups is not None:
-            if sorted(id(p) for g in groups for p in g["params"]) != sorted(id(p) for p in others):
-                raise ValueError("groups must hold every trainable parameter except the gates, each once")
-            others = groups
-        return cls(
-            others,
-            gates,
-            lam=config.lam,
-            rho=config.rho,
-            lr=lr,
-            freeze_pruned=config.freeze_pruned,
-            v_gradient=config.v_gradient,
-            inner=inner,
-        )
-
     @property
     def proximal_group(self) -> dict[str, Any]:
         return self.param_groups[-1]
@@ -145,26 +122,43 @@ class ProximalOptimizer(Optimizer):
         if self.inner is not None:
             self.inner.step()
         group = self.proximal_group
-        step_size = group["rho"] * group["lr"] / group["lr0"]
         group["steps"] += 1
-        for v in group["params"]:
-            if v.grad is None:
-                continue
-            state = self.state[v]
-            pruned = state["pruned"]
-            direction = v.grad
-            if group["v_gradient"] == "adam":
-                state["exp_avg"].lerp_(v.grad, 1 - ADAM_BETAS[0])
-                state["exp_avg_sq"].mul_(ADAM_BETAS[1]).addcmul_(v.grad, v.grad, value=1 - ADAM_BETAS[1])
-                m_hat = state["exp_avg"] / (1 - ADAM_BETAS[0] ** group["steps"])
-                u_hat = state["exp_avg_sq"] / (1 - ADAM_BETAS[1] ** group["steps"])
-                direction = m_hat / (u_hat.sqrt() + ADAM_EPS)
-            new = soft_threshold(v - step_size * direction, step_size * group["lam"])
-            if group["freeze_pruned"]:
-                new.masked_fill_(pruned, 0)
-            pruned |= (v != 0) & (new == 0)
-            v.copy_(new)
+        gates = [v for v in group["params"] if v.grad is not None]
+        if gates:
+            self._proximal_step(group, gates)
         return loss
+
+    def _proximal_step(self, group: dict[str, Any], gates: list[torch.Tensor]) -> None:
+        """The documented step on every gate with a gradient, on flat concatenations of the gates, their gradients
+        and their state, written back with one foreach copy each."""
+        states = [self.state[v] for v in gates]
+
+        def flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([t.reshape(-1) for t in tensors])
+
+        def write_back(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+            pieces = values.split([t.numel() for t in targets])
+            torch._foreach_copy_(targets, [p.view_as(t) for p, t in zip(pieces, targets, strict=True)])
+
+        v, grad = flat(gates), flat(g.grad for g in gates)
+        step_size = group["rho"] * group["lr"] / group["lr0"]
+        direction = grad
+        if group["v_gradient"] == "adam":
+            exp_avg, exp_avg_sq = flat(s["exp_avg"] for s in states), flat(s["exp_avg_sq"] for s in states)
+            exp_avg.lerp_(grad, 1 - ADAM_BETAS[0])
+            exp_avg_sq.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+            m_hat = exp_avg / (1 - ADAM_BETAS[0] ** group["steps"])
+            u_hat = exp_avg_sq / (1 - ADAM_BETAS[1] ** group["steps"])
+            direction = m_hat / (u_hat.sqrt() + ADAM_EPS)
+            write_back([s["exp_avg"] for s in states], exp_avg)
+            write_back([s["exp_avg_sq"] for s in states], exp_avg_sq)
+        new = soft_threshold(v - step_size * direction, step_size * group["lam"])
+        pruned = flat(s["pruned"] for s in states)
+        if group["freeze_pruned"]:
+            new.masked_fill_(pruned, 0)
+        pruned |= (v != 0) & (new == 0)
+        write_back([s["pruned"] for s in states], pruned)
+        write_back(gates, new)
 
     def state_dict(self) -> dict[str, Any]:
         group = self.proximal_group
