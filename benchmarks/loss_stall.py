@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from arenaseg.adapters import AdaptOptions
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS
 from arenaseg.pipeline import build_adapted
 from arenaseg.train.loop import TrainSettings, train_adapter
+from arenaseg.utils.provenance import git_commit
 
 ORGAN = "pancreas"
 
@@ -53,13 +54,12 @@ def main() -> None:
     torch.set_num_threads(1)
     data, preprocess = open_dataset(args.data), PreprocessSettings()
     cases = [c for c in BTCV_FS.pretrain if data.has_organ(c, ORGAN)][:5]
-    items = [case_item(data.case(c), {ORGAN: 1}) for c in cases]
-    volumes = load_all(preprocessed_dataset(items, preprocess, {data.labels[ORGAN]: 1}))
+    volumes = load_cases(data, cases, {ORGAN: 1}, preprocess)
     rows = []
     loaded = None
     for cross_entropy in (False, True):
         settings = replace(TrainSettings(), steps=args.steps, cross_entropy=cross_entropy)
-        loaded, adapted, _, _ = build_adapted("btcv-fs", ORGAN, "lp", 16, None, settings.steps, 0)
+        loaded, adapted, _, _ = build_adapted("btcv-fs", ORGAN, "lp", AdaptOptions(total_steps=settings.steps), 0)
         sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, 0)
         before = probe(adapted, sampler)
         with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +67,7 @@ def main() -> None:
         after = probe(adapted, sampler)
         rows.append(("Dice + CE" if cross_entropy else "Dice", result.final_loss, before, after))
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         f"# Linear probe on {ORGAN}: Dice loss alone vs Dice + cross-entropy",
         "",

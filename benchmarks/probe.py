@@ -25,17 +25,18 @@ from pathlib import Path
 
 import torch
 
+from arenaseg.adapters import AdaptOptions
 from arenaseg.adapters.arena import active_ranks
 from arenaseg.bench.grid import parse_method
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS
 from arenaseg.models.registry import model_file
 from arenaseg.pipeline import build_adapted, evaluate_cases
 from arenaseg.train.loop import TrainSettings, train_adapter
-from arenaseg.train.pretrain import git_commit
 from arenaseg.utils.atomic import write_json
+from arenaseg.utils.provenance import git_commit
 
 
 def patch_dice(model: torch.nn.Module, sampler: PatchSampler) -> float:
@@ -59,7 +60,9 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/btcv30", help="btcv30 folder (default: %(default)s)")
     parser.add_argument("--model", default="btcv-fs", help="foundation model (default: %(default)s)")
     parser.add_argument("--organ", default="right_kidney", help="(default: %(default)s)")
-    parser.add_argument("--method", default="arena-r16", help="grid method name, e.g. lp, fft, lora-r64 (default: %(default)s)")
+    parser.add_argument(
+        "--method", default="arena-r16", help="grid method name, e.g. lp, fft, lora-r64 (default: %(default)s)"
+    )
     parser.add_argument("--shots", type=int, default=5, help="pretrain cases to adapt on (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=300, help="step cap; the schedule spans it (default: %(default)s)")
     parser.add_argument("--every", type=int, default=50, help="patch-Dice interval in steps (default: %(default)s)")
@@ -67,6 +70,9 @@ def main() -> None:
     parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
     parser.add_argument("--lam", type=float, default=None, help="ARENA lambda (default: the library's)")
     parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: the library's)")
+    parser.add_argument("--decoder", default=None, help="decoder policy of low-rank methods (default: frozen)")
+    parser.add_argument("--decoder-lr-scale", type=float, default=None, help="decoder lr / lr (default: 1)")
+    parser.add_argument("--track", default="auto", help="auto, base or novel head start (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results/probe", help="output folder (default: %(default)s)")
     parser.add_argument("--tag", default="", help="suffix of the output file name (default: none)")
@@ -82,19 +88,18 @@ def main() -> None:
         raise SystemExit(f"only {len(cases)} pretrain cases contain {organ}: too few for {args.shots} + 3")
 
     def volumes(ids):
-        items = [case_item(data.case(c), {organ: 1}) for c in ids]
-        return load_all(preprocessed_dataset(items, preprocess, {data.labels[organ]: 1}))
+        return load_cases(data, ids, {organ: 1}, preprocess)
 
     settings = TrainSettings(steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale)
-    extra = {} if args.rho is None else {"rho": args.rho}
-    torch.manual_seed(0)
-    _, adapted, options, row = build_adapted(
-        args.model, organ, method, rank or 16, args.lam, settings.steps, 0, **extra
-    )
+    given = {"rank": rank, "lam": args.lam, "rho": args.rho, "decoder": args.decoder}
+    given["decoder_lr_scale"] = args.decoder_lr_scale
+    options = AdaptOptions(total_steps=settings.steps, **{k: v for k, v in given.items() if v is not None})
+    _, adapted, options, row = build_adapted(args.model, organ, method, options, 0, args.track)
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
 
-    name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "") + args.tag
+    name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "")
+    name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
     out = Path(args.out) / f"{name}.json"
     record = {
         "command": "python benchmarks/probe.py "

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from arenaseg.adapters import AdaptOptions
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS
 from arenaseg.models.registry import model_file
 from arenaseg.pipeline import build_adapted
 from arenaseg.train.loop import TrainSettings, train_adapter
+from arenaseg.utils.provenance import git_commit
 
 
 def probe(model: torch.nn.Module, sampler: PatchSampler) -> dict:
@@ -79,15 +80,14 @@ def main() -> None:
     train_cases, probe_cases = cases[:5], cases[5:8]
 
     def volumes(ids):
-        items = [case_item(data.case(c), {args.organ: 1}) for c in ids]
-        return load_all(preprocessed_dataset(items, preprocess, {data.labels[args.organ]: 1}))
+        return load_cases(data, ids, {args.organ: 1}, preprocess)
 
     settings = replace(
         defaults, steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale, cross_entropy=args.cross_entropy
     )
-    extra = {} if args.rho is None else {"rho": args.rho}
+    extra = {k: v for k, v in (("rho", args.rho), ("lam", args.lam)) if v is not None}
     _, adapted, options, _ = build_adapted(
-        "btcv-fs", args.organ, args.method, args.rank, args.lam, settings.steps, 0, **extra
+        "btcv-fs", args.organ, args.method, AdaptOptions(rank=args.rank, total_steps=settings.steps, **extra), 0
     )
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     probe_sampler = PatchSampler(volumes(probe_cases), preprocess, 2, seed=1)
@@ -106,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_adapter(adapted, sampler, settings, Path(tmp) / "checkpoint.pt", status=probe_when_due)
     model_sha = file_digest(model_file("btcv-fs"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         f"# {args.method} r={args.rank} on the {args.organ}: held-in patch Dice and logits against training steps",
         "",

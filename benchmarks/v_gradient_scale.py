@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 from pathlib import Path
 
 import torch
 from monai.losses import DiceLoss
 
+from arenaseg.adapters import AdaptOptions
 from arenaseg.adapters.arena import arena_layers
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS, NOVEL_ORGANS
 from arenaseg.pipeline import build_adapted
+from arenaseg.utils.provenance import git_commit
 
 
 def main() -> None:
@@ -33,16 +34,15 @@ def main() -> None:
     data, settings = open_dataset(args.data), PreprocessSettings()
     rows = []
     for organ in NOVEL_ORGANS:
-        _, adapted, _, _ = build_adapted("btcv-fs", organ, "arena", 16, None, 100, 0)
+        _, adapted, _, _ = build_adapted("btcv-fs", organ, "arena", AdaptOptions(total_steps=100), 0)
         cases = [c for c in BTCV_FS.pretrain if data.has_organ(c, organ)][:5]
-        items = [case_item(data.case(c), {organ: 1}) for c in cases]
-        volumes = load_all(preprocessed_dataset(items, settings, {data.labels[organ]: 1}))
+        volumes = load_cases(data, cases, {organ: 1}, settings)
         images, labels = PatchSampler(volumes, settings, 2, 0).batch(0)
         adapted.training_loss(images, labels, DiceLoss(sigmoid=True)).backward()
         grads = torch.cat([layer.arena_v.grad.abs() for layer in arena_layers(adapted.network).values()])
         rows.append((organ, grads.median().item(), grads.quantile(0.9).item(), grads.max().item()))
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         "# |dL/dv| at initialisation (ARENA r=16, new binary head, Dice loss, 2 patches of 64^3)",
         "",

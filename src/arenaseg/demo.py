@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from arenaseg.adapters import AdaptOptions
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.phantom import make_phantom_dataset
 from arenaseg.data.preprocess import PreprocessSettings
@@ -39,13 +40,14 @@ def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
     print(f"phantom cohort: {data_dir} ({len(SUPPORT)} support, {len(TEST)} held-out cases)")
 
     settings = TrainSettings(**{**SETTINGS.__dict__, "steps": steps})
-    _, before_model, _, _ = build_adapted(MODEL, ORGAN, "arena", 16, None, settings.steps, settings.seed)
+    _, before_model, _, _ = build_adapted(MODEL, ORGAN, "arena", AdaptOptions(rank=16), settings.seed)
     before = evaluate_cases(before_model.model, data, ORGAN, TEST, PreprocessSettings())
     print(f"before adaptation (new {ORGAN} head on the foundation model): mean Dice {before['mean_dice']:.1f}%")
 
     job = AdaptJob(
         data=str(data_dir), organ=ORGAN, shots=len(SUPPORT), seed=0, method="arena", out=str(out / "run"),
-        model=MODEL, rank=16, test_cases=TEST, support_cases=SUPPORT, train=settings, overwrite=True,
+        model=MODEL, options=AdaptOptions(rank=16), test_cases=TEST, support_cases=SUPPORT, train=settings,
+        overwrite=True,
     )  # fmt: skip
     record = run_adapt(job)
     print(f"after ARENA from {len(SUPPORT)} labelled phantoms: mean Dice {record['mean_dice']:.1f}% "
@@ -56,7 +58,7 @@ def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
         print(f"  {name:<40} {r['initial']:>3} -> {r['active']:>3}")
     print(f"  total active rank {record['active_rank_total']} of {16 * len(record['ranks'])}")
     model_bytes = (BUILTIN_DIR / f"{MODEL}.safetensors").stat().st_size
-    print(f"\nadapter {record['adapter_bytes'] / 1024:.0f} KB vs foundation model {model_bytes / 2**20:.1f} MB "
+    print(f"\nadapter {record['adapter_bytes'] / 1024:.0f} KiB vs foundation model {model_bytes / 2**20:.1f} MiB "
           f"({record['trainable_params']:,} trainable of {record['total_params']:,} parameters)")  # fmt: skip
 
     from arenaseg.pipeline import load_run

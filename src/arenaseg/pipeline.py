@@ -1,14 +1,20 @@
 """The adapt / predict / evaluate jobs behind the CLI: a run folder in, artifacts out, nothing half-written.
 
-Run folder contract (RUN_DIR): ``checkpoint.pt`` while training (resume point), then ``adapter.safetensors`` +
-``adapter_config.json``, ``metrics.json`` (when test cases were evaluated) and last ``run.json``, whose presence
-marks a finished run.
+Run folder contract (RUN_DIR): ``checkpoint.pt`` and ``run_settings.json`` (what the run was started with) while
+training (resume point), then ``adapter.safetensors`` + ``adapter_config.json``, ``metrics.json`` (when test cases
+were evaluated) and last ``run.json``, whose presence marks a finished run. One process at a time holds RUN_DIR
+(`RunFolder`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import json
 import os
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,19 +24,35 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from arenaseg.adapters.factory import AdaptOptions
 from arenaseg.data.datasets import Dataset, open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, file_digest, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS, SupportDraw, draw_support
-from arenaseg.evaluate.inference import predict_volume, write_like
+from arenaseg.evaluate.inference import (
+    KEEP_LARGEST_COMPONENT,
+    largest_component,
+    predict_volume,
+    read_label,
+    write_like,
+)
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
-from arenaseg.train.loop import TrainSettings, train_adapter
-from arenaseg.train.pretrain import git_commit
+from arenaseg.train.loop import TrainResult, TrainSettings, train_adapter
 from arenaseg.utils.atomic import write_json
-from arenaseg.utils.device import device_name, resolve_device
+from arenaseg.utils.device import resolve_device
+from arenaseg.utils.errors import UserError
+from arenaseg.utils.precision import DEFAULT_PRECISION
+from arenaseg.utils.provenance import device_name, git_commit
 
 RUN_FILE, METRICS_FILE, CHECKPOINT_FILE = "run.json", "metrics.json", "checkpoint.pt"
+# How the binary head starts: "base" from the foundation model's class row for the organ (its zero-shot
+# prediction; the organ must be one of its classes), "novel" as a new head, "auto" base when the model knows the organ.
+TRACKS = ("auto", "base", "novel")
+# Rows of a benchmark that are not adaptation methods of the factory: the foundation model as it is (base
+# track), and the same network trained in full from random initialisation (what pretraining buys).
+REFERENCE_METHODS = ("zero-shot", "scratch")
+SETTINGS_FILE = "run_settings.json"
 
 
 @dataclass
@@ -44,8 +66,9 @@ class AdaptJob:
     method: str
     out: str
     model: str = "btcv-fs"
-    rank: int = 16
-    lam: float | None = None
+    options: AdaptOptions = field(default_factory=AdaptOptions)  # total_steps is set from train.steps
+    track: str = "auto"  # see TRACKS
+    protocol: str | None = None  # the benchmark protocol of a bench cell: part of its identity
     test_cases: str | list[str] = "auto"
     support_cases: list[str] | None = None  # explicit support set (e.g. FSEFT lists) instead of a seeded draw
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -81,58 +104,188 @@ def support_pool(data: Dataset, test_cases: Sequence[str]) -> list[str]:
 
 
 def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run or silently restart an unfinished one; check writability up front."""
+    """Refuse to clobber a finished run or silently restart an unfinished one. Nothing is deleted here: a run that
+    replaces another is trained aside and moved in at its end (`RunFolder`)."""
+    if out.resolve() == Path(out.resolve().anchor):
+        raise UserError(f"--out {out} is the filesystem root; give a folder for the run")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
     if (out / RUN_FILE).exists():
         if not overwrite:
             raise FileExistsError(f"{out} holds a finished run ({RUN_FILE}); pass --overwrite to replace it")
-        for name in (RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, "adapter.safetensors", "adapter_config.json"):
-            (out / name).unlink(missing_ok=True)
-    elif (out / CHECKPOINT_FILE).exists() and not resume:
-        if not overwrite:
-            raise FileExistsError(f"{out} holds an unfinished run ({CHECKPOINT_FILE}); pass --resume to continue it")
-        (out / CHECKPOINT_FILE).unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"run folder {out} is not writable: {err}") from err
+    elif (out / CHECKPOINT_FILE).exists() and not resume and not overwrite:
+        raise FileExistsError(f"{out} holds an unfinished run ({CHECKPOINT_FILE}); pass --resume to continue it")
+
+
+class RunFolder:
+    """An adapt run's --out, held under an exclusive lock (``fcntl.flock`` on the folder) from the first check to
+    the last file, so that a second process into the same folder fails at once instead of replacing the first's
+    run (nnU-Net leaves this to the user; a lock costs nothing and the kernel releases it when a process dies).
+
+    A run that replaces another (--overwrite) writes into a hidden subfolder and is moved in at its end, so that a
+    failure leaves the old run whole. A failed run removes the folders it created, when they are empty.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.work, self.fd, self.created = out, None, None, []
+
+    def __enter__(self) -> RunFolder:
+        prepare_run_dir(self.out, overwrite=True, resume=True)  # the path itself; the run's state is checked later
+        self.created = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self.created = []
+            raise PermissionError(f"cannot create the run folder {self.out}: {err}") from err
+        self.fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.__exit__(UserError, None, None)
+            raise UserError(
+                f"{self.out} is in use by another arenaseg process; wait for it to finish or choose another --out"
+            ) from None
+        return self
+
+    def start(self, overwrite: bool, resume: bool, settings: dict) -> Path:
+        """Check the folder again under the lock and return where the run writes: --out itself, or a hidden
+        subfolder when it replaces a run. Resuming needs the ``settings`` (JSON-able) the run was started with."""
+        prepare_run_dir(self.out, overwrite, resume)
+        replacing = (self.out / RUN_FILE).exists() or ((self.out / CHECKPOINT_FILE).exists() and not resume)
+        try:
+            self.work = Path(tempfile.mkdtemp(prefix=".replacing-", dir=self.out)) if replacing else self.out
+            probe = self.work / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"run folder {self.out} is not writable: {err}") from err
+        settings = json.loads(json.dumps(settings, default=str))
+        recorded = self.work / SETTINGS_FILE
+        if (self.work / CHECKPOINT_FILE).exists() and recorded.is_file():
+            before = json.loads(recorded.read_text())
+            changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+            if changed:
+                what = "; ".join(f"{k}: {before.get(k)!r}, now {settings.get(k)!r}" for k in changed[:3])
+                raise UserError(
+                    f"{self.out} holds an unfinished run started with other settings ({what}); resume it with the "
+                    f"same options, or pass --overwrite to start anew"
+                )
+        write_json(recorded, settings)
+        return self.work
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.work is not None:
+                if exc_type is None or not (self.work / CHECKPOINT_FILE).exists():
+                    (self.work / SETTINGS_FILE).unlink(missing_ok=True)
+                if exc_type is None and self.work != self.out:
+                    self._move_in()
+        finally:
+            if self.work not in (None, self.out):
+                shutil.rmtree(self.work, ignore_errors=True)
+            if self.fd is not None:
+                os.close(self.fd)  # releases the lock
+            if exc_type is not None:
+                for folder in self.created:  # deepest first
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+
+    def _move_in(self) -> None:
+        """Replace the old run's files by the new run's, run.json removed first and written last."""
+        new = {p.name for p in self.work.iterdir()}
+        (self.out / RUN_FILE).unlink(missing_ok=True)
+        for name in (METRICS_FILE, CHECKPOINT_FILE, "adapter.safetensors", "adapter_config.json"):
+            if name not in new:
+                (self.out / name).unlink(missing_ok=True)
+        for name in sorted(new - {RUN_FILE}):
+            os.replace(self.work / name, self.out / name)
+        os.replace(self.work / RUN_FILE, self.out / RUN_FILE)
 
 
 def build_adapted(
-    model_name: str, organ: str, method: str, rank: int, lam: float | None, total_steps: int, seed: int, **options
+    model_name: str, organ: str, method: str, options: AdaptOptions, seed: int, track: str = "auto"
 ):
-    """Foundation model + binary head (zero-shot init when the organ is one of its classes) + method; ``options``
-    override further `AdaptOptions` fields."""
-    from arenaseg.adapters import AdaptOptions, adapt_model
+    """Foundation model + binary head (started as ``track`` says) + method; returns (loaded checkpoint, adapted
+    model, options, class row or None). ``zero-shot`` adapts as ``lp`` (its head is what a run saves) and is never
+    trained; ``scratch`` is ``fft`` on the same network re-initialised at random, with a new head."""
+    from arenaseg.adapters import adapt_model
     from arenaseg.models.registry import class_row, load_model
+    from arenaseg.models.swin_unetr import build_swin_unetr
 
+    if track not in TRACKS:
+        raise UserError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
     torch.manual_seed(seed)
     loaded = load_model(model_name)
-    row = class_row(loaded, organ)
+    if method == "scratch":
+        loaded.model.load_state_dict(build_swin_unetr(loaded.config).state_dict())
+        track = "novel"
+    row = class_row(loaded, organ) if track != "novel" else None
+    if row is None and (track == "base" or method == "zero-shot"):
+        known = ", ".join(loaded.class_rows) or "none"
+        raise UserError(f"{organ} is not a class of {model_name} (its classes: {known}): no base-track start")
     replace_with_binary_head(loaded.model, *(row if row else (None, None)))
-    if lam is not None:
-        options["lam"] = lam
-    options = AdaptOptions(rank=rank, total_steps=total_steps, **options)
-    return loaded, adapt_model(loaded.model, method, options), options, row
+    factory_method = {"zero-shot": "lp", "scratch": "fft"}.get(method, method)
+    try:  # the factory checks options and targets with ValueError: here they come from the user
+        check_rank(loaded.model, factory_method, options)
+        adapted = adapt_model(loaded.model, factory_method, options)
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return loaded, adapted, options, row
+
+
+def check_rank(model: torch.nn.Module, method: str, options) -> None:
+    """Refuse, before anything is allocated, a rank that no adapted layer can use: a layer of in x out weights
+    has at most min(in, out) independent components (a Conv3d: min(in * kernel volume, out)). Without this,
+    --rank 10000 grows until the kernel kills the process."""
+    from arenaseg.adapters.factory import DECODER_CONVS, LOW_RANK_METHODS, resolve_targets
+
+    if method not in LOW_RANK_METHODS:
+        return
+    targets = resolve_targets(model, options.target_modules)
+    if getattr(options, "decoder", "frozen") == "lowrank":
+        targets += resolve_targets(model, DECODER_CONVS)
+    sizes = []
+    for name in targets:
+        m = model.get_submodule(name)
+        if isinstance(m, torch.nn.Linear):
+            sizes.append(min(m.in_features, m.out_features))
+        elif isinstance(m, torch.nn.Conv3d):
+            sizes.append(min(m.in_channels * int(np.prod(m.kernel_size)), m.out_channels))
+    if sizes and options.rank > max(sizes):
+        raise UserError(
+            f"--rank {options.rank} is more than any adapted layer can use: the largest min(in, out) of the "
+            f"{len(sizes)} target layers is {max(sizes)}; use --rank {max(sizes)} or less"
+        )
 
 
 def run_adapt(job: AdaptJob) -> dict:
-    """Adapt, save the adapter, evaluate, and write run.json (returned)."""
+    """Adapt, save the adapter, evaluate, and write run.json (returned); --out is locked while it runs."""
+    with RunFolder(Path(job.out)) as folder:
+        return _adapt(job, folder)
+
+
+def _adapt(job: AdaptJob, folder: RunFolder) -> dict:
+    """Everything the user gave (data, model, options) is checked before the run folder is touched."""
     from arenaseg.adapters import save_adapter
 
-    out = Path(job.out)
+    out = folder.out
     device = resolve_device(job.device)
     data = open_dataset(job.data)
     organ = data.check_organ(job.organ)
-    if job.shots <= 0:
-        raise ValueError(f"--shots must be >= 1, got {job.shots}")
+    zero_shot = job.method == "zero-shot"
+    if zero_shot != (job.shots == 0) or job.shots < 0:
+        raise UserError(f"--shots must be >= 1 (0 for zero-shot, which trains nothing), got {job.shots}")
     tests = resolve_test_cases(data, job.test_cases)
-    if job.support_cases is not None:
+    if zero_shot:
+        draw = SupportDraw(())
+    elif job.support_cases is not None:
         overlap = sorted(set(job.support_cases) & set(tests))
         if overlap:
-            raise ValueError(f"support cases {overlap} are also test cases")
+            raise UserError(f"support cases {overlap} are also test cases")
         draw = SupportDraw(tuple(data.case(c).case_id for c in job.support_cases))
     else:
         pool = support_pool(data, tests)
@@ -142,31 +295,48 @@ def run_adapt(job: AdaptJob) -> dict:
     prepare_run_dir(out, job.overwrite, job.resume)
 
     settings = TrainSettings(**{**asdict(job.train), "seed": job.seed})
-    loaded, adapted, options, row = build_adapted(
-        job.model, organ, job.method, job.rank, job.lam, settings.steps, job.seed
-    )
+    options = dataclasses.replace(job.options, total_steps=settings.steps)
+    loaded, adapted, options, row = build_adapted(job.model, organ, job.method, options, job.seed, job.track)
     adapted.model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # one process may run many bench cells
-    label_values = {organ: 1}
-    mapping = {data.labels[organ]: 1} if data.layout == "nnunet" else None
-    cached = preprocessed_dataset(
-        [case_item(data.case(c), label_values) for c in draw.cases], job.preprocess, mapping, job.cache_dir
-    )
-    volumes = load_all(cached)
-    sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
+    volumes = load_cases(data, draw.cases, {organ: 1}, job.preprocess, job.cache_dir)
+    for cid, volume in zip(draw.cases, volumes, strict=True):
+        if not volume["label"].any():
+            raise UserError(_no_organ_voxels(data, cid, organ))
+    track = "base" if row else "novel"
+    identity = {
+        "data": str(data.root.resolve()),
+        "track": track,
+        "protocol": job.protocol,
+        "organ": organ,
+        "shots": job.shots,
+        "seed": job.seed,
+        "method": job.method,
+        "model": job.model,
+        "model_sha256": file_digest(loaded.source),
+        "options": asdict(options),
+        "support_cases": list(draw.cases),
+        "test_cases": tests,
+        "train": asdict(settings),
+        "preprocess": job.preprocess.to_dict(),
+    }
+    out = folder.start(job.overwrite, job.resume, identity)  # from here on the run writes into out
 
-    result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE, status=_status(adapted))
-    trainable_while_training = adapted.trainable_params
-    if job.method == "arena":
-        from arenaseg.adapters.arena import prune_arena
-
-        prune_arena(adapted.model)
-    save_adapter(adapted, out)
+    if zero_shot:  # nothing trains; the head (the class row) is saved as lp's would be, so that predict works
+        result = TrainResult(steps_done=0, stopped_early=False, final_loss=None, seconds_per_step=None, train_seconds=0)
+    else:
+        sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
+        result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE)
+    trainable_while_training = 0 if zero_shot else adapted.trainable_params
+    adapted.finalize()  # e.g. ARENA's pruning to the active rank
+    save_adapter(adapted, out, job.preprocess.to_dict())
     report = adapted.rank_report()
 
     record = {
         "method": job.method,
+        "track": track,
+        "protocol": job.protocol,
         "organ": organ,
         "shots": job.shots,
         "seed": job.seed,
@@ -183,7 +353,8 @@ def run_adapt(job: AdaptJob) -> dict:
         },
         "data": str(data.root),
         "trainable_params": trainable_while_training,
-        "active_params": adapted.trainable_params,  # after ARENA's pruning; equal for the other methods
+        # after ARENA's pruning; equal for the other methods (0 for zero-shot)
+        "active_params": trainable_while_training and adapted.trainable_params,
         "total_params": adapted.total_params,
         "steps_done": result.steps_done,
         "stopped_early": result.stopped_early,
@@ -203,21 +374,26 @@ def run_adapt(job: AdaptJob) -> dict:
         record["active_rank_total"] = report["totals"]["active_rank"]
     if tests:
         t0 = time.time()
-        metrics = evaluate_cases(adapted.model, data, organ, tests, job.preprocess)
+        metrics = evaluate_cases(adapted.model, data, organ, tests, job.preprocess, settings.precision)
         write_json(out / METRICS_FILE, metrics)
-        record["mean_dice"], record["mean_hd95"] = metrics["mean_dice"], metrics["mean_hd95"]
+        record.update({k: v for k, v in metrics.items() if k.startswith("mean_")})  # mean_dice: as predicted
         record["eval_seconds"] = round(time.time() - t0, 1)
     write_json(out / RUN_FILE, record)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return record
 
 
-def _status(adapted):
-    if adapted.method != "arena":
-        return None
-    from arenaseg.adapters.arena import active_ranks
-
-    return lambda: {"rank": sum(a for _, a in active_ranks(adapted.model).values())}
+def _no_organ_voxels(data: Dataset, case_id: str, organ: str) -> str:
+    """Why a support case has no voxel of the organ, read from the label file itself (dataset.json's
+    ``labels_present`` chose the case; the voxels may disagree, e.g. hold values the label map does not name)."""
+    case = data.case(case_id)
+    path = case.label if case.label is not None else case.structure_files[organ]
+    value = data.labels[organ] if case.label is not None else 1
+    found = {int(v) for v in np.unique(np.asarray(nib.load(str(path)).dataobj))}
+    unknown = sorted(found - set(data.labels.values()))
+    detail = f"; it holds values {unknown} that {data.root / 'dataset.json'} does not name" if unknown else ""
+    where = "after resampling and the crop to the body"
+    return f"support case {case_id}: no {organ} voxels (value {value}) in {path} {where}{detail}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -230,18 +406,22 @@ def peak_memory_mb(device: torch.device) -> float:
 def reference_mask(data: Dataset, case_id: str, organ: str) -> tuple[np.ndarray, tuple[float, ...]]:
     case = data.case(case_id)
     path = case.label if case.label is not None else case.structure_files[organ]
-    img = nib.load(str(path))
-    ref = np.asarray(img.dataobj)
-    mask = ref == data.labels[organ] if case.label is not None else ref > 0
-    return mask, tuple(float(z) for z in img.header.get_zooms()[:3])
+    ref, spacing = read_label(path)
+    return (ref == data.labels[organ] if case.label is not None else ref > 0), spacing
 
 
-def evaluate_cases(model, data: Dataset, organ: str, case_ids: Sequence[str], preprocess: PreprocessSettings) -> dict:
+def evaluate_cases(
+    model, data: Dataset, organ: str, case_ids: Sequence[str], preprocess: PreprocessSettings, precision: str = DEFAULT_PRECISION
+) -> dict:
+    """Each case predicted once (in the run's training ``precision``) and scored twice: as predicted (dice, hd95,
+    nsd) and after keeping the largest connected component (dice_lcc, hd95_lcc, nsd_lcc), so one pass shows what
+    the post-processing does."""
     cases = {}
     for cid in case_ids:
-        pred = predict_volume(model, data.case(cid).image, preprocess, head="sigmoid")
+        pred = predict_volume(model, data.case(cid).image, preprocess, head="sigmoid", precision=precision) > 0
         ref, spacing = reference_mask(data, cid, organ)
-        cases[cid] = case_metrics(pred > 0, ref, spacing)
+        lcc = case_metrics(largest_component(pred), ref, spacing)
+        cases[cid] = {**case_metrics(pred, ref, spacing), **{f"{k}_lcc": v for k, v in lcc.items()}}
     return summarise(cases)
 
 
@@ -263,17 +443,46 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return adapted, record
 
 
+def zero_shot_model(model_name: str, organ: str, device: str = "auto"):
+    """The foundation model with the binary head that `adapt` starts from (the organ's class row), and the
+    preprocessing its card records (the default settings when it has no card)."""
+    import json
+
+    from arenaseg.models.registry import class_row, load_model
+
+    loaded = load_model(model_name)
+    row = class_row(loaded, organ)
+    if row is None:
+        classes = ", ".join(c for c in loaded.class_rows if c != "background") or "none"
+        raise UserError(f"{model_name} has no class {organ!r} to predict zero-shot; its classes: {classes}")
+    replace_with_binary_head(loaded.model, *row)
+    card = Path(loaded.source).with_suffix(".json")
+    recorded = json.loads(card.read_text()).get("preprocessing") if card.is_file() else None
+    preprocess = PreprocessSettings.from_dict(recorded) if recorded else PreprocessSettings()
+    return loaded.model.to(resolve_device(device)), preprocess
+
+
 def run_predict(
-    run_dir: str | Path, inputs: Sequence[Path], outputs: Sequence[Path], device: str = "auto"
+    run_dir: str | Path | None,
+    inputs: Sequence[Path],
+    outputs: Sequence[Path],
+    device: str = "auto",
+    keep_largest: bool = KEEP_LARGEST_COMPONENT,
+    zero_shot: tuple[str, str] | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> list[Path]:
-    adapted, record = load_run(run_dir, device)
-    preprocess = PreprocessSettings(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"]["preprocess"].items()}
-    )
+    """Masks of ``inputs`` from a finished run, or with ``zero_shot`` = (model, organ) from the foundation model
+    alone; ``keep_largest`` keeps each mask's largest connected component; ``precision``: the forward's autocast."""
+    if zero_shot is not None:
+        model, preprocess = zero_shot_model(*zero_shot, device)
+    else:
+        adapted, record = load_run(run_dir, device)
+        model = adapted.model
+        preprocess = PreprocessSettings.from_dict(record["settings"]["preprocess"])  # the run's own, never the user's
     written = []
     for src, dst in zip(inputs, outputs, strict=True):
-        labels = predict_volume(adapted.model, src, preprocess, head="sigmoid")
-        written.append(write_like(src, labels, dst))
+        labels = predict_volume(model, src, preprocess, head="sigmoid", precision=precision)
+        written.append(write_like(src, largest_component(labels) if keep_largest else labels, dst))
     return written
 
 
@@ -287,7 +496,7 @@ def _label_value(ref: Path, organ: str) -> int:
             labels = json.loads(meta.read_text())["labels"]
             if organ not in labels or organ == "background":
                 valid = ", ".join(k for k in labels if k != "background")
-                raise ValueError(f"organ {organ!r} not in {meta}; valid: {valid}")
+                raise UserError(f"organ {organ!r} not in {meta}; valid: {valid}")
             return int(labels[organ])
     raise FileNotFoundError(f"--organ needs a dataset.json beside {ref} or one folder up to map the organ to a label")
 
@@ -298,24 +507,22 @@ def evaluate_files(pred: Path, ref: Path, organ: str | None, out: Path | None) -
         if not path.exists():
             raise FileNotFoundError(f"not found: {path}")
     if pred.is_dir() != ref.is_dir():
-        raise ValueError("--pred and --ref must both be files or both be folders")
+        raise UserError("--pred and --ref must both be files or both be folders")
     if pred.is_dir():
         names = sorted(p.name for p in pred.iterdir() if p.name.endswith((".nii.gz", ".nii")))
         missing = [n for n in names if not (ref / n).is_file()]
         if not names or missing:
-            raise ValueError(f"references missing in {ref} for {missing[:5] or 'every prediction (none found)'}")
+            raise UserError(f"references missing in {ref} for {missing[:5] or 'every prediction (none found)'}")
         pairs = [(pred / n, ref / n) for n in names]
     else:
         pairs = [(pred, ref)]
     cases = {}
     for p, r in pairs:
-        ref_img, pred_img = nib.load(str(r)), nib.load(str(p))
-        if pred_img.shape != ref_img.shape:
-            raise ValueError(f"{p} has shape {pred_img.shape}, reference {r} has {ref_img.shape}")
-        ref_arr = np.asarray(ref_img.dataobj)
-        ref_mask = ref_arr == _label_value(r, organ) if organ else ref_arr > 0
-        spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
-        cases[r.name.split(".nii")[0]] = case_metrics(np.asarray(pred_img.dataobj) > 0, ref_mask, spacing)
+        (ref, spacing), (pred_labels, _) = read_label(r), read_label(p)
+        if pred_labels.shape != ref.shape:
+            raise UserError(f"{p} has shape {pred_labels.shape}, reference {r} has {ref.shape}")
+        ref_mask = ref == _label_value(r, organ) if organ else ref > 0
+        cases[r.name.split(".nii")[0]] = case_metrics(pred_labels > 0, ref_mask, spacing)
     metrics = summarise(cases)
     target = out or (pred if pred.is_dir() else pred.parent) / METRICS_FILE
     write_json(target, metrics)

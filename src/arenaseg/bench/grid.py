@@ -1,5 +1,5 @@
-"""Benchmark grids: the (method, organ, k, seed) cells of a preset, where each cell's run folder lives, and the
-``results.csv`` that summarises the finished ones.
+"""Benchmark grids: the (track, method, organ, k, seed) cells of a preset, where each cell's run folder lives, and
+the ``results.csv`` that summarises the finished ones.
 
 A cell's folder is the unit of progress (its ``run.json`` marks it finished), so the grid's state is the folder
 tree and results.csv is only a view of it (`rebuild_results`): a killed bench cannot leave the two disagreeing.
@@ -18,13 +18,17 @@ from pathlib import Path
 from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read_fseft_list
-from arenaseg.pipeline import METRICS_FILE, RUN_FILE, resolve_test_cases, support_pool
+from arenaseg.pipeline import METRICS_FILE, REFERENCE_METHODS, RUN_FILE, resolve_test_cases, support_pool
+from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.errors import UserError
 
 CELLS_DIR, RESULTS_FILE, ERROR_FILE = "cells", "results.csv", "error.txt"
-REPO_ROOT = Path(__file__).resolve().parents[3]  # src/arenaseg/bench/grid.py -> the checkout (editable installs)
 
+# Every method of the report, in its row order. Each track runs its decisive methods first (BENCHMARK.md's order):
+# the two ends of the rank range, then r = 16 and AdaLoRA, then the references.
 DEFAULT_METHODS = (
+    "zero-shot",
     "lp",
     "fft",
     "lora-r4",
@@ -34,13 +38,44 @@ DEFAULT_METHODS = (
     "arena-r4",
     "arena-r16",
     "arena-r64",
+    "scratch",
 )
+BASE_METHODS = (
+    "zero-shot",
+    "lp",
+    "fft",
+    "lora-r4",
+    "lora-r64",
+    "arena-r4",
+    "arena-r64",
+    "lora-r16",
+    "arena-r16",
+    "adalora-r16",
+)
+NOVEL_METHODS = (
+    "fft",
+    "lora-r4",
+    "lora-r64",
+    "arena-r4",
+    "arena-r64",
+    "lora-r16",
+    "arena-r16",
+    "adalora-r16",
+    "lp",
+    "scratch",
+)
+BASE_ORGANS = ("right_kidney", "aorta", "stomach")
 # Pancreas first (the issue's core grid), then the other novel organs in NOVEL_ORGANS' order.
 BTCV_ORGAN_ORDER = ("pancreas", *(o for o in NOVEL_ORGANS if o != "pancreas"))
+# The novel track's decoder policy for the low-rank methods, chosen on the pretrain-split probe
+# (docs/benchmark.md, "Global choices"); the base track keeps the decoder frozen.
+NOVEL_DECODER = "frozen"
+PROTOCOL = "btcv-fs-v2"
 # k = 5 first: the rank-robustness and efficiency tables need k = 5 only, so they fill in before k = 1 and 10.
 SHOTS_ORDER = (5, *(k for k in SHOTS if k != 5))
 
 RESULT_COLUMNS = (
+    "track",
     "method",
     "base_method",
     "rank",
@@ -49,6 +84,10 @@ RESULT_COLUMNS = (
     "seed",
     "mean_dice",
     "mean_hd95",
+    "mean_nsd",
+    "mean_dice_lcc",
+    "mean_hd95_lcc",
+    "mean_nsd_lcc",
     "trainable_params",
     "active_rank_total",
     "active_adapter_params",
@@ -58,10 +97,13 @@ RESULT_COLUMNS = (
     "train_seconds",
     "wall_s",
     "steps_done",
+    "stopped_early",
+    "final_loss",
     "whole_pool",
     "support_cases",
     "test_cases",
     "device",
+    "precision",
     "commit",
     "model",
     "model_sha256",
@@ -72,47 +114,78 @@ RESULT_COLUMNS = (
     "head_lr_scale",
     "spacing",
     "patch",
+    "intensity",
+    "decoder",
     "lam",
     "rho",
+    "protocol",
 )
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A protocol's default grid. ``organs`` None: every structure of the partition lists; ``model`` None: the user
-    must name the foundation model; ``results``: the committed results folder, relative to the repository, with
-    ``{device}`` standing for cpu or gpu (CPU and GPU rows never share a table)."""
+class Track:
+    """Cells that share how the organ's head starts (the pipeline's track: ``base`` from the foundation model's
+    class row, ``novel`` a new head) and the low-rank methods' ``decoder`` policy. ``organs`` None: every structure
+    of the partition lists."""
 
     name: str
-    methods: tuple[str, ...]
     organs: tuple[str, ...] | None
+    methods: tuple[str, ...]
+    decoder: str = "frozen"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A protocol's default grid. ``model`` None: the user must name the foundation model; ``results``: the
+    committed results folder, relative to the repository, with ``{device}`` standing for cpu or gpu (CPU and GPU
+    rows never share a table). ``protocol`` is recorded by every cell and is part of its identity."""
+
+    name: str
+    protocol: str
+    tracks: tuple[Track, ...]
     shots: tuple[int, ...]
     seeds: tuple[int, ...]
     model: str | None
     results: str | None
 
+    def track(self, name: str) -> Track:
+        for track in self.tracks:
+            if track.name == name:
+                return track
+        raise UserError(f"preset {self.name} has no track {name!r}; tracks: {', '.join(t.name for t in self.tracks)}")
+
 
 PRESETS = {
     "btcv-fs": Preset(
         "btcv-fs",
-        DEFAULT_METHODS,
-        BTCV_ORGAN_ORDER,
+        PROTOCOL,
+        (Track("base", BASE_ORGANS, BASE_METHODS), Track("novel", BTCV_ORGAN_ORDER, NOVEL_METHODS, NOVEL_DECODER)),
         SHOTS_ORDER,
         SEEDS,
         "btcv-fs",
-        "benchmarks/results/btcv-fs-{device}",
+        "benchmarks/results/btcv-fs-v2-{device}",
     ),
     # FSEFT's own protocol on the user's TotalSegmentator copy: no committed results (the data is not ours).
-    "totalseg-fseft": Preset("totalseg-fseft", DEFAULT_METHODS, None, SHOTS_ORDER, SEEDS, None, None),
+    "totalseg-fseft": Preset(
+        "totalseg-fseft",
+        "totalseg-fseft-v2",
+        (Track("novel", None, NOVEL_METHODS[:-1], NOVEL_DECODER),),
+        SHOTS_ORDER,
+        SEEDS,
+        None,
+        None,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Cell:
     """One adaptation of a grid. ``name`` is the grid's method name (``lora-r16``), ``method``/``rank`` what
-    `run_adapt` gets. ``support_cases`` None: the pipeline draws the BTCV-FS support set itself, from
-    (organ, k, seed) alone, so every method of a (organ, k, seed) adapts on the same volumes."""
+    `run_adapt` gets, ``decoder`` the decoder policy of a low-rank method (``frozen`` for the others).
+    ``support_cases`` None: the pipeline draws the BTCV-FS support set itself, from (organ, k, seed) alone, so
+    every method of a (organ, k, seed) adapts on the same volumes. A zero-shot cell trains nothing: k = 0."""
 
+    track: str
     name: str
     method: str
     rank: int | None
@@ -122,30 +195,33 @@ class Cell:
     data: str
     test_cases: tuple[str, ...]
     support_cases: tuple[str, ...] | None = None
+    decoder: str = "frozen"
+    protocol: str | None = None
 
     @property
     def rel_dir(self) -> Path:
-        return cell_dir(self.name, self.organ, self.shots, self.seed)
+        return cell_dir(self.track, self.name, self.organ, self.shots, self.seed)
 
 
-def cell_dir(name: str, organ: str, shots: int, seed: int) -> Path:
+def cell_dir(track: str, name: str, organ: str, shots: int, seed: int) -> Path:
     """A cell's folder relative to the bench output (and to a committed results folder)."""
-    return Path(CELLS_DIR, name, organ, f"k{shots}", f"seed{seed}")
+    return Path(CELLS_DIR, track, name, organ, f"k{shots}", f"seed{seed}")
 
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown bench preset {name!r}; valid: {', '.join(PRESETS)}")
+        raise UserError(f"unknown bench preset {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
-def committed_results(preset: str, device_kind: str = "cpu") -> Path | None:
-    """The preset's committed results folder for ``device_kind`` (cpu or gpu) in this checkout, None when it has
-    none (or is not there)."""
+def committed_results(preset: str, device_kind: str, checkout: str | os.PathLike = ".") -> Path | None:
+    """The preset's committed results folder for ``device_kind`` (cpu or gpu) under ``checkout`` (a clone of the
+    repository, by default the working directory: an installed package ships no results), None when the preset
+    has none or the folder is not there."""
     rel = get_preset(preset).results
     if not rel:
         return None
-    folder = REPO_ROOT / rel.format(device=device_kind)
+    folder = Path(checkout) / rel.format(device=device_kind)
     return folder if folder.is_dir() else None
 
 
@@ -153,7 +229,7 @@ def preset_model(preset: str, model: str | None) -> str:
     """The foundation model a bench adapts: ``model`` when given, else the preset's own."""
     chosen = model or get_preset(preset).model
     if chosen is None:
-        raise ValueError(f"preset {preset!r} has no default model: pass --model (a checkpoint file or built-in name)")
+        raise UserError(f"preset {preset!r} has no default model: pass --model (a checkpoint file or built-in name)")
     return chosen
 
 
@@ -162,13 +238,14 @@ def parse_method(name: str) -> tuple[str, int | None]:
     match = re.fullmatch(r"(?P<method>[a-z][a-z-]*?)(?:-r(?P<rank>\d+))?", name)
     method = match["method"] if match else name
     rank = int(match["rank"]) if match and match["rank"] else None
-    examples = "e.g. lp, fft, lora-r16, adalora-r16, arena-r4"
-    if method not in METHODS:
-        raise ValueError(f"unknown method {name!r} in the grid; methods: {', '.join(METHODS)} ({examples})")
+    examples = "e.g. zero-shot, lp, fft, lora-r16, adalora-r16, arena-r4, scratch"
+    if method not in (*METHODS, *REFERENCE_METHODS):
+        valid = ", ".join((*METHODS, *REFERENCE_METHODS))
+        raise UserError(f"unknown method {name!r} in the grid; methods: {valid} ({examples})")
     if method in LOW_RANK_METHODS and not rank:
-        raise ValueError(f"{method} needs an initial rank >= 1 in the grid, as {method}-rR ({examples})")
+        raise UserError(f"{method} needs an initial rank >= 1 in the grid, as {method}-rR ({examples})")
     if method not in LOW_RANK_METHODS and rank is not None:
-        raise ValueError(f"{method} has no rank; write it as {method!r} ({examples})")
+        raise UserError(f"{method} has no rank; write it as {method!r} ({examples})")
     return method, rank
 
 
@@ -180,11 +257,14 @@ def plan_cells(
     seeds: Sequence[int] | None,
     data: str | os.PathLike,
     *,
+    tracks: Sequence[str] | None = None,
     test_cases: str | Sequence[str] = "auto",
     partitions: str | os.PathLike | None = None,
 ) -> list[Cell]:
-    """Every cell of the grid, organ-major (organ, then k, then seed, then method) so that one organ's complete
-    comparison finishes before the next organ starts. None takes the preset's default.
+    """Every cell of the grid, track-major, then organ-major (organ, k, seed, method) so that one organ's complete
+    comparison finishes before the next organ starts. None takes the preset's default; ``methods`` and ``organs``
+    select within each track (an organ or method that no chosen track holds is an error). The zero-shot row of
+    an organ trains nothing, so it is one cell (k = 0, first seed) whatever the k and seeds.
 
     ``btcv-fs``: BENCHMARK.md's protocol; ``test_cases`` "auto" is BTCV-FS's test split (a list of case ids lets
     the same protocol run on other nnU-Net data, e.g. phantoms). Where k >= the organ's eligible pool, the whole
@@ -192,37 +272,66 @@ def plan_cells(
     (``totalseg_selected/<structure>_train.txt`` / ``_test.txt``), support drawn by ``fseft_support``.
     """
     spec = get_preset(preset)
-    names = _unique("methods", methods if methods is not None else spec.methods)
-    method_specs = [(name, *parse_method(name)) for name in names]
+    chosen = [spec.track(t) for t in _unique("tracks", tracks if tracks is not None else [t.name for t in spec.tracks])]
+    if methods is not None:
+        for name in _unique("methods", methods):
+            parse_method(name)
+            if not any(name in t.methods for t in chosen):
+                raise UserError(f"method {name} is in no chosen track ({_listing(chosen, 'methods')})")
     shots = _unique("shots", shots if shots is not None else spec.shots)
     seeds = _unique("seeds", seeds if seeds is not None else spec.seeds)
-    if not shots or not seeds or not method_specs:
-        raise ValueError("methods, shots and seeds must each name at least one value")
+    if not shots or not seeds or not chosen or methods == []:
+        raise UserError("tracks, methods, shots and seeds must each name at least one value")
     for k in shots:
         if not isinstance(k, int) or k < 1:
-            raise ValueError(f"shots must be integers >= 1, got {k!r}")
+            raise UserError(f"shots must be integers >= 1, got {k!r}")
     for s in seeds:
         if not isinstance(s, int) or s < 0:
-            raise ValueError(f"seeds must be integers >= 0, got {s!r}")
-    if preset == "btcv-fs":
-        if partitions is not None:
-            raise ValueError("--partitions belongs to the totalseg-fseft preset; btcv-fs draws from its support pool")
-        plan = _btcv_plan(organs if organs is not None else spec.organs, shots, seeds, data, test_cases)
-    else:
-        if test_cases != "auto":
-            raise ValueError("totalseg-fseft takes its test subjects from the <structure>_test.txt lists")
-        plan = _fseft_plan(organs, shots, seeds, data, partitions)
-    return [
-        Cell(name, method, rank, organ, k, seed, root, tests, support)
-        for organ, k, seed, root, tests, support in plan
-        for name, method, rank in method_specs
-    ]
+            raise UserError(f"seeds must be integers >= 0, got {s!r}")
+    if organs is not None:
+        organs = _unique("organs", organs)
+        known = {o for t in chosen if t.organs is not None for o in t.organs}
+        stray = [o for o in organs if known and o not in known]
+        if stray and all(t.organs is not None for t in chosen):
+            raise UserError(f"organs {stray} are in no chosen track ({_listing(chosen, 'organs')})")
+    if preset == "btcv-fs" and partitions is not None:
+        raise UserError("--partitions belongs to the totalseg-fseft preset; btcv-fs draws from its support pool")
+    if preset != "btcv-fs" and test_cases != "auto":
+        raise UserError("totalseg-fseft takes its test subjects from the <structure>_test.txt lists")
+    cells = []
+    for track in chosen:
+        names = [m for m in track.methods if methods is None or m in methods]
+        wanted = track.organs if organs is None else [o for o in organs if track.organs is None or o in track.organs]
+        if not names or not wanted:
+            continue
+        if preset == "btcv-fs":
+            plan = _btcv_plan(wanted, shots, seeds, data, test_cases)
+        else:
+            plan = _fseft_plan(wanted, shots, seeds, data, partitions)
+        seen_zero_shot = set()
+        for organ, k, seed, root, tests, support in plan:
+            for name in names:
+                method, rank = parse_method(name)
+                if method == "zero-shot":
+                    if organ in seen_zero_shot:
+                        continue
+                    seen_zero_shot.add(organ)
+                    k, seed, support = 0, seeds[0], None
+                decoder = track.decoder if method in LOW_RANK_METHODS else "frozen"
+                cells.append(
+                    Cell(track.name, name, method, rank, organ, k, seed, root, tests, support, decoder, spec.protocol)
+                )
+    return cells
+
+
+def _listing(tracks: Sequence[Track], what: str) -> str:
+    return "; ".join(f"{t.name}: {', '.join(getattr(t, what) or ['any'])}" for t in tracks)
 
 
 def _unique(what: str, values: Sequence) -> list:
     values = list(values)
     if len(set(values)) != len(values):
-        raise ValueError(f"{what} repeat a value: {values}")
+        raise UserError(f"{what} repeat a value: {values}")
     return values
 
 
@@ -231,10 +340,10 @@ def _btcv_plan(organs, shots, seeds, data, test_cases) -> list[tuple]:
     ds = open_dataset(data)
     organs = _unique("organs", [ds.check_organ(o) for o in organs])
     if test_cases == "none":
-        raise ValueError("a bench needs test cases to score; pass 'auto' (BTCV-FS's test split) or case ids")
+        raise UserError("a bench needs test cases to score; pass 'auto' (BTCV-FS's test split) or case ids")
     tests = tuple(resolve_test_cases(ds, test_cases))
     if not tests:
-        raise ValueError(
+        raise UserError(
             f"{ds.root} does not hold the BTCV-FS cases, so there is no default test split: pass test case ids"
         )
     pool = support_pool(ds, tests)
@@ -242,7 +351,7 @@ def _btcv_plan(organs, shots, seeds, data, test_cases) -> list[tuple]:
     for organ in organs:
         eligible = sum(ds.has_organ(c, organ) for c in pool)
         if not eligible:
-            raise ValueError(f"no support-pool case of {ds.root} contains {organ}")
+            raise UserError(f"no support-pool case of {ds.root} contains {organ}")
         for k in shots:
             for seed in seeds if k < eligible else seeds[:1]:  # k >= pool: the same set for every seed, run once
                 plan.append((organ, k, seed, str(ds.root.resolve()), tests, None))
@@ -252,7 +361,7 @@ def _btcv_plan(organs, shots, seeds, data, test_cases) -> list[tuple]:
 def fseft_lists_dir(partitions: str | os.PathLike | None) -> Path:
     """The folder of ``<structure>_train.txt`` lists: PARTITIONS/totalseg_selected, or PARTITIONS itself."""
     if partitions is None:
-        raise ValueError("the totalseg-fseft preset needs --partitions (the folder holding totalseg_selected/)")
+        raise UserError("the totalseg-fseft preset needs --partitions (the folder holding totalseg_selected/)")
     root = Path(partitions)
     for folder in (root / "totalseg_selected", root):
         if folder.is_dir() and any(folder.glob("*_train.txt")):
@@ -271,7 +380,7 @@ def _fseft_plan(organs, shots, seeds, data, partitions) -> list[tuple]:
     structures = _unique("organs", organs if organs is not None else available)
     unknown = [s for s in structures if s not in available]
     if unknown:
-        raise ValueError(f"no train/test lists for {unknown} in {lists}; structures: {', '.join(available)}")
+        raise UserError(f"no train/test lists for {unknown} in {lists}; structures: {', '.join(available)}")
     root: Path | None = None
     plan = []
     for structure in structures:
@@ -285,9 +394,7 @@ def _fseft_plan(organs, shots, seeds, data, partitions) -> list[tuple]:
                 support = tuple(_subject(image) for image, _ in fseft_support(train, k, seed))
                 overlap = sorted(set(support) & set(tests))
                 if overlap:
-                    raise ValueError(
-                        f"{structure} k={k} seed={seed}: support subjects {overlap} are also test subjects"
-                    )
+                    raise UserError(f"{structure} k={k} seed={seed}: support subjects {overlap} are also test subjects")
                 plan.append((structure, k, seed, str(root.resolve()), tests, support))
     return plan
 
@@ -312,14 +419,14 @@ def _subjects_root(data: Path, images: list[str], known: Path | None) -> Path:
     if known is not None:
         roots.add(known.resolve())
     if len(roots) != 1:
-        raise ValueError(f"the listed subjects lie in several folders {sorted(map(str, roots))}; expected one")
+        raise UserError(f"the listed subjects lie in several folders {sorted(map(str, roots))}; expected one")
     return roots.pop()
 
 
 def _check_labels(root: Path, structure: str, lines: list[tuple[str, str]]) -> None:
     for image, label in lines:
         if Path(label).name != f"{structure}.nii.gz":
-            raise ValueError(f"{structure} list names the label {label}; expected .../{structure}.nii.gz")
+            raise UserError(f"{structure} list names the label {label}; expected .../{structure}.nii.gz")
         path = root / _subject(image) / "segmentations" / f"{structure}.nii.gz"
         if not path.is_file():
             raise FileNotFoundError(f"label of subject {_subject(image)} not found: {path}")
@@ -332,7 +439,9 @@ def result_row(name: str, record: dict) -> dict:
     train, preprocess = settings.get("train", {}), settings.get("preprocess", {})
     totals = record.get("rank_report", {}).get("totals", {})
     eval_seconds = record.get("eval_seconds")
+    options = settings.get("options", {})
     row = {
+        "track": record.get("track"),
         "method": name,
         "base_method": method,
         "rank": rank,
@@ -341,6 +450,7 @@ def result_row(name: str, record: dict) -> dict:
         "seed": record["seed"],
         "mean_dice": record.get("mean_dice"),
         "mean_hd95": record.get("mean_hd95"),
+        **{k: record.get(k) for k in ("mean_nsd", "mean_dice_lcc", "mean_hd95_lcc", "mean_nsd_lcc")},
         "trainable_params": record.get("trainable_params"),
         "active_rank_total": record.get("active_rank_total"),
         "active_adapter_params": totals.get("params") if method in LOW_RANK_METHODS else None,
@@ -350,10 +460,13 @@ def result_row(name: str, record: dict) -> dict:
         "train_seconds": record.get("train_seconds"),
         "wall_s": None if eval_seconds is None else round(record["train_seconds"] + eval_seconds, 1),
         "steps_done": record.get("steps_done"),
+        "stopped_early": record.get("stopped_early"),
+        "final_loss": record.get("final_loss"),
         "whole_pool": record.get("support_note") is not None,
         "support_cases": ";".join(record.get("support_cases", [])),
         "test_cases": ";".join(record.get("test_cases", [])),
         "device": record.get("device"),
+        "precision": recorded_settings(train)["precision"],
         "commit": record.get("git_commit"),
         "model": record.get("model"),
         "model_sha256": (record.get("model_sha256") or "")[:12] or None,
@@ -364,8 +477,11 @@ def result_row(name: str, record: dict) -> dict:
         "head_lr_scale": train.get("head_lr_scale"),
         "spacing": _first(preprocess.get("spacing")),
         "patch": _first(preprocess.get("patch_size")),
-        "lam": settings.get("options", {}).get("lam") if method == "arena" else None,
-        "rho": settings.get("options", {}).get("rho") if method == "arena" else None,
+        "intensity": preprocess.get("intensity", "ct"),  # records from before the option are CT
+        "decoder": options.get("decoder", "frozen") if method in LOW_RANK_METHODS else None,
+        "lam": options.get("lam") if method == "arena" else None,
+        "rho": options.get("rho") if method == "arena" else None,
+        "protocol": record.get("protocol"),
     }
     return {k: "" if v is None else v for k, v in row.items()}
 
@@ -380,12 +496,12 @@ def _first(values):
 def finished_cells(out: str | os.PathLike) -> list[tuple[Path, dict]]:
     """(cell folder, run.json record) of every finished cell under ``out``; the folder must match the record."""
     found = []
-    for path in sorted(Path(out).glob(f"{CELLS_DIR}/*/*/k*/seed*/{RUN_FILE}")):
+    for path in sorted(Path(out).glob(f"{CELLS_DIR}/*/*/*/k*/seed*/{RUN_FILE}")):
         record = json.loads(path.read_text())
-        name, organ, k, seed = path.parent.parts[-4:]
-        expected = cell_dir(name, record["organ"], record["shots"], record["seed"])
-        if Path(CELLS_DIR, name, organ, k, seed) != expected:
-            raise ValueError(f"{path} records {expected} but lies in {path.parent}: a misplaced cell folder")
+        track, name, organ, k, seed = path.parent.parts[-5:]
+        expected = cell_dir(record.get("track"), name, record["organ"], record["shots"], record["seed"])
+        if Path(CELLS_DIR, track, name, organ, k, seed) != expected:
+            raise UserError(f"{path} records {expected} but lies in {path.parent}: a misplaced cell folder")
         found.append((path.parent, record))
     return found
 
@@ -395,7 +511,9 @@ def rebuild_results(out: str | os.PathLike) -> Path:
     out = Path(out)
     order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
     rows = [result_row(folder.parts[-4], record) for folder, record in finished_cells(out)]
-    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["organ"], r["shots"], r["seed"]))
+    rows.sort(
+        key=lambda r: (r["track"], order.get(r["method"], len(order)), r["method"], r["organ"], r["shots"], r["seed"])
+    )
     path = out / RESULTS_FILE
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)

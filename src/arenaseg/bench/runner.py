@@ -17,17 +17,33 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from arenaseg.adapters.factory import LOW_RANK_METHODS, AdaptOptions
+from arenaseg.adapters.factory import AdaptOptions
 from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_results
-from arenaseg.data.preprocess import file_digest
+from arenaseg.data.preprocess import file_digest, settings_key
 from arenaseg.models.registry import model_file
 from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
+from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import write_text
 from arenaseg.utils.device import device_kind, resolve_device
+from arenaseg.utils.errors import UserError
 
 # AdaptJob fields that the cell (or the runner) decides; job_overrides may set any other field.
 CELL_FIELDS = frozenset(
-    {"data", "organ", "shots", "seed", "method", "rank", "test_cases", "support_cases", "out", "overwrite", "resume"}
+    {
+        "data",
+        "organ",
+        "shots",
+        "seed",
+        "method",
+        "options",
+        "track",
+        "protocol",
+        "test_cases",
+        "support_cases",
+        "out",
+        "overwrite",
+        "resume",
+    }
 )
 
 
@@ -64,6 +80,7 @@ def cell_job(cell: Cell, out: str | os.PathLike, overrides: dict | None = None) 
     bad = sorted(set(overrides) - set(allowed))
     if bad:
         raise ValueError(f"job_overrides cannot set {bad}; they may set {allowed}")
+    options = AdaptOptions(decoder=cell.decoder, **({"rank": cell.rank} if cell.rank is not None else {}))
     return AdaptJob(
         data=cell.data,
         organ=cell.organ,
@@ -71,7 +88,9 @@ def cell_job(cell: Cell, out: str | os.PathLike, overrides: dict | None = None) 
         seed=cell.seed,
         method=cell.method,
         out=str(Path(out) / cell.rel_dir),
-        **({"rank": cell.rank} if cell.rank is not None else {}),
+        options=options,
+        track=cell.track,
+        protocol=cell.protocol,
         test_cases=list(cell.test_cases),
         support_cases=None if cell.support_cases is None else list(cell.support_cases),
         resume=True,
@@ -91,12 +110,16 @@ def model_digest(name_or_path: str) -> str | None:
 
 
 def job_signature(job: AdaptJob) -> dict:
-    """What a finished run must share with ``job`` to count as this job's result (not where or when it ran)."""
+    """What a finished run must share with ``job`` to count as this job's result (not where or when it ran): every
+    method option (as the run records them, total_steps included), the training and preprocessing settings, the
+    model's weights, the protocol and the track."""
+    settings = dataclasses.replace(job.train, seed=job.seed)
     return _plain(
         {
             "method": job.method,
-            "rank": job.rank if job.method in LOW_RANK_METHODS else None,
-            "lam": (AdaptOptions().lam if job.lam is None else job.lam) if job.method == "arena" else None,
+            "options": asdict(dataclasses.replace(job.options, total_steps=settings.steps)),
+            "track": job.track,
+            "protocol": job.protocol,
             "organ": job.organ,
             "shots": job.shots,
             "seed": job.seed,
@@ -104,8 +127,8 @@ def job_signature(job: AdaptJob) -> dict:
             "model_sha256": model_digest(job.model),
             "test_cases": job.test_cases,
             "support_cases": job.support_cases,
-            "train": asdict(dataclasses.replace(job.train, seed=job.seed)),
-            "preprocess": job.preprocess.to_dict(),
+            "train": asdict(settings),
+            "preprocess": settings_key(job.preprocess.to_dict()),
         }
     )
 
@@ -117,8 +140,9 @@ def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
     options = settings.get("options", {})
     actual = {
         "method": record.get("method"),
-        "rank": options.get("rank") if record.get("method") in LOW_RANK_METHODS else None,
-        "lam": options.get("lam") if record.get("method") == "arena" else None,
+        "options": options,
+        "track": record.get("track"),
+        "protocol": record.get("protocol"),
         "organ": record.get("organ"),
         "shots": record.get("shots"),
         "seed": record.get("seed"),
@@ -127,12 +151,20 @@ def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
         "test_cases": record.get("test_cases"),
         # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
         "support_cases": record.get("support_cases") if job.support_cases is not None else None,
-        "train": settings.get("train"),
-        "preprocess": settings.get("preprocess"),
+        "train": recorded_settings(settings.get("train", {})),  # an older fp32 cell still counts for fp32
+        "preprocess": settings_key(settings.get("preprocess", {})),
     }
+    actual = _plain(actual)  # a record as run_adapt returns it, or as run.json holds it
     for key, want in expected.items():
-        if actual[key] != want:
-            return f"{key} is {actual[key]!r} there, {want!r} in this bench"
+        have = actual[key]
+        if have != want:
+            if isinstance(have, dict) and isinstance(want, dict):
+                key, (have, want) = next(
+                    (f"{key}.{k}", (have.get(k), want.get(k)))
+                    for k in sorted({*have, *want})
+                    if have.get(k) != want.get(k)
+                )
+            return f"{key} is {have!r} there, {want!r} in this bench"
     return None
 
 
@@ -176,11 +208,11 @@ def run_bench(
     a finished cell of OUT with other settings is an error (one OUT holds one grid).
     """
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     out = Path(out).resolve()  # Ray workers need paths that do not depend on their working directory
     dirs = [c.rel_dir for c in cells]
     if len(set(dirs)) != len(dirs):
-        raise ValueError(f"cells repeat a run folder, e.g. {next(d for d in dirs if dirs.count(d) > 1)}")
+        raise UserError(f"cells repeat a run folder, e.g. {next(d for d in dirs if dirs.count(d) > 1)}")
     source = Path(results_from) if results_from is not None else None
     if source is not None and not source.is_dir():
         raise FileNotFoundError(f"committed results folder not found: {source}")
@@ -194,7 +226,7 @@ def run_bench(
         if run_json.is_file():
             mismatch = signature_mismatch(job, json.loads(run_json.read_text()))
             if mismatch:
-                raise ValueError(f"{job.out} finished with other settings ({mismatch}); use another --out")
+                raise UserError(f"{job.out} finished with other settings ({mismatch}); use another --out")
             summary.finished_before += 1
         else:
             pending.append(job)
@@ -272,7 +304,7 @@ def _run_on_ray(
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         gpu_share = min(1.0, int(ray.cluster_resources().get("GPU", 0)) / workers) if gpus else 0
         if gpus and gpu_share == 0:
-            raise ValueError("the cells run on a GPU, but Ray sees none")
+            raise UserError("the cells run on a GPU, but Ray sees none")
         task = ray.remote(num_cpus=reserve, num_gpus=gpu_share, max_calls=1, runtime_env={"env_vars": env})(_cell_task)
         queue, running = list(jobs), {}
         while queue or running:
@@ -302,6 +334,6 @@ def _thread_share(ray, workers: int, local: bool) -> tuple[int, int]:
     total = int(ray.cluster_resources().get("CPU", 0))
     largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
     if largest < 1:
-        raise ValueError("the Ray cluster offers no CPUs to run cells on")
+        raise UserError("the Ray cluster offers no CPUs to run cells on")
     threads = max(1, min(total // workers, largest))
     return threads, threads

@@ -6,6 +6,8 @@ killed run resumed from its checkpoint reaches exactly the tensors an uninterrup
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -16,9 +18,13 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
+from arenaseg.adapters.config import OptimizerSettings
+from arenaseg.adapters.tuners import AdaptedModel
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.errors import UserError
+from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -27,24 +33,30 @@ class TrainSettings:
 
     steps: int = 100
     patches_per_step: int = 2
-    lr: float = 1e-3
-    head_lr_scale: float = 10.0  # the new head starts from random weights: benchmarks/results/step_budget_lp.md
-    weight_decay: float = 1e-4
+    lr: float = OptimizerSettings.lr
+    head_lr_scale: float = OptimizerSettings.head_lr_scale
+    weight_decay: float = OptimizerSettings.weight_decay
     warmup_steps: int = 10
     cross_entropy: bool = False  # Dice + CE keeps a new organ's logits < 0: benchmarks/results/step_budget_v3_*.md
     checkpoint_every: int = 25
     stop_patience: int = 0
     stop_min_delta: float = 1e-3
     seed: int = 0
+    precision: str = DEFAULT_PRECISION  # fp32 | bf16 | fp16 autocast: arenaseg.utils.precision says why fp32
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("lr", "head_lr_scale", "weight_decay", "stop_min_delta"):
+            if not math.isfinite(getattr(self, name)):  # NaN and inf pass the comparisons below
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("steps", "patches_per_step", "checkpoint_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0 or self.head_lr_scale <= 0:
-            raise ValueError(f"lr and head_lr_scale must be > 0, got {self.lr} and {self.head_lr_scale}")
+            raise UserError(f"lr and head_lr_scale must be > 0, got {self.lr} and {self.head_lr_scale}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.stop_patience < 0 or self.stop_min_delta < 0:
-            raise ValueError("weight_decay, warmup_steps, stop_patience and stop_min_delta must be >= 0")
+            raise UserError("weight_decay, warmup_steps, stop_patience and stop_min_delta must be >= 0")
 
 
 class PlateauStop:
@@ -76,55 +88,44 @@ class PlateauStop:
 class TrainResult:
     steps_done: int
     stopped_early: bool
-    final_loss: float
-    seconds_per_step: float  # median over every session of a resumed run (also one killed after its last step)
+    final_loss: float | None  # None: nothing was trained (a zero-shot run)
+    seconds_per_step: float | None  # median over every session of a resumed run (also one killed after its last step)
     train_seconds: float  # summed over every session of a resumed run
 
 
 def train_adapter(
-    adapted,
-    sampler: PatchSampler,
-    settings: TrainSettings,
-    checkpoint: Path,
-    status: Callable[[], dict] | None = None,
+    adapted: AdaptedModel, sampler: PatchSampler, settings: TrainSettings, checkpoint: Path
 ) -> TrainResult:
-    """Run (or resume) the loop; ``adapted`` is an `arenaseg.adapters.AdaptedModel`, ``status`` adds progress-bar
-    fields (e.g. ARENA's total active rank)."""
+    """Run (or resume) the loop; the progress bar shows the loss and the method's ``progress()`` fields."""
     model = adapted.model
     device = next(model.parameters()).device
-    loss_fn = (
-        DiceCELoss(sigmoid=True, squared_pred=False)
-        if settings.cross_entropy
-        else DiceLoss(sigmoid=True, squared_pred=False)
-    )
+    check_precision(settings.precision, device)
+    loss_fn = loss_function(settings.cross_entropy)
     optimizer = adapted.make_optimizer(settings.lr, settings.weight_decay, settings.head_lr_scale)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
+    scaler = grad_scaler(settings.precision, device)
     stopper = PlateauStop(settings.stop_patience, settings.stop_min_delta)
     start, step_times, loss_value, stopped, earlier_times = 0, [], float("nan"), False, []
     if checkpoint.exists():
         start, loss_value, earlier_times = _load_checkpoint(
-            checkpoint, adapted, optimizer, scheduler, stopper, settings
+            checkpoint, adapted, optimizer, scheduler, stopper, settings, scaler
         )
     model.train()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"adapt {adapted.method}")
     for step in bar:
         t0 = time.perf_counter()
         images, labels = sampler.batch(step)
-        loss = adapted.training_loss(images.to(device), labels.to(device), loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        adapted.after_optimizer_step(step)
+        loss = training_step(adapted, optimizer, scaler, images.to(device), labels.to(device), loss_fn, settings, step)
         scheduler.step()
         step_times.append(time.perf_counter() - t0)
         loss_value = loss.item()
         stopped = stopper.update(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.3f}", **(status() if status else {}))
+        bar.set_postfix(loss=f"{loss_value:.3f}", **adapted.progress())
         done = step + 1
         if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
             times = earlier_times + step_times
             _save_checkpoint(
-                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, times
+                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, times, scaler
             )
         if stopped:
             bar.write(f"stopping at step {done}: training loss plateaued for {settings.stop_patience} steps")
@@ -139,18 +140,54 @@ def train_adapter(
     )
 
 
+def loss_function(cross_entropy: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Dice (+ CE) on float32 logits: under bf16/fp16 autocast the logits come in 16 bits, and Dice's sums over
+    whole patches would keep only 8 or 11 significant bits."""
+    loss = DiceCELoss(sigmoid=True, squared_pred=False) if cross_entropy else DiceLoss(sigmoid=True, squared_pred=False)
+    return lambda logits, labels: loss(logits.float(), labels)
+
+
+def training_step(adapted, optimizer, scaler, images, labels, loss_fn, settings: TrainSettings, step: int):
+    """One optimizer step of the loop (benchmarks/step_time.py times this very function): forward and loss under
+    the precision's autocast, backward (loss-scaled for fp16), the optimizer step on unscaled float32 gradients,
+    the method's after-step hook. Returns the loss."""
+    with autocast(settings.precision, images.device):
+        loss = adapted.training_loss(images, labels, loss_fn)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+    scaler.update()
+    adapted.after_step(step)
+    return loss
+
+
+def recorded_settings(recorded: dict) -> dict:
+    """Settings (TrainSettings, PretrainSettings) as a checkpoint or record stored them, in today's fields: runs
+    recorded before ``precision`` existed trained in fp32."""
+    return {"precision": "fp32", **recorded}
+
+
+def _plain(value):
+    """The JSON view of a value (tuples become lists), as a checkpoint stores it."""
+    return json.loads(json.dumps(value))
+
+
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, step_seconds) -> None:
+def _save_checkpoint(
+    path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, step_seconds, scaler
+) -> None:
     state = {
         "trainable": trainable_tensors(adapted.model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "stopper": stopper.state_dict(),
-        "method_state": adapted.optimizer_side_state(),
+        "grad_scaler": scaler.state_dict(),  # fp16's loss scale; empty otherwise
+        "method_state": adapted.extra_state(),
         "settings": asdict(settings),
+        "options": _plain(adapted.options.to_dict()),  # a resume must not train under other method options
         "step": step if not stopped else settings.steps,
         "loss": loss,
         "step_seconds": list(step_seconds),  # every step's time so far, so that a resumed run reports them all
@@ -160,19 +197,28 @@ def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, ste
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings) -> tuple[int, float, list[float]]:
+def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, scaler) -> tuple[int, float, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["settings"] != asdict(settings):
-        raise ValueError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
+    if recorded_settings(state["settings"]) != asdict(settings):
+        raise UserError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
+    options = _plain(adapted.options.to_dict())
+    changed = sorted(k for k in options if state.get("options", {}).get(k) != options[k])
+    if changed:
+        saved = {k: state.get("options", {}).get(k) for k in changed}
+        raise UserError(
+            f"{path} was trained with other method options ({saved}; now {({k: options[k] for k in changed})}): "
+            "resume with the options it started with, or start over"
+        )
     params = dict(adapted.model.named_parameters())
     missing = sorted(set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:
-        raise ValueError(f"{path} does not fit this model's trainable tensors, e.g. {missing[0]!r}")
+        raise UserError(f"{path} does not fit this model's trainable tensors, e.g. {missing[0]!r}")
     with torch.no_grad():
         for name, tensor in state["trainable"].items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["stopper"])
-    adapted.load_optimizer_side_state(state["method_state"])
+    scaler.load_state_dict(state.get("grad_scaler", {}))  # absent before precision existed (fp32: nothing to load)
+    adapted.load_extra_state(state["method_state"])
     return state["step"], state["loss"], list(state.get("step_seconds", []))  # absent before 2026-11-27
