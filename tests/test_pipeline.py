@@ -70,10 +70,30 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_reaches_the_uninterrupted_tensors(phantoms, tiny_foundation, tmp_path, monkeypatch):
+def importance_scores(adapted) -> dict[tuple[str, str], torch.Tensor]:
+    """AdaLoRA's running importance statistics (PEFT's RankAllocator), which choose the components it masks."""
+    allocator = adapted.model.base_model.rankallocator
+    keys = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+    return {(key, name): t for key in keys for name, t in getattr(allocator, key).items()}
+
+
+@pytest.mark.parametrize("method", ["arena", "adalora"])
+def test_resume_after_kill_reaches_the_uninterrupted_tensors(method, phantoms, tiny_foundation, tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint and resumed, a run ends on the uninterrupted run's tensors. AdaLoRA masks
+    its rank budget at every step by importance scores averaged over all the steps before: the resumed run must
+    carry them on (restarted, they differ, though in so short a run they need not change the masks)."""
+    trained = {}
+    real_train = pipeline.train_adapter
+
+    def recording_train(adapted, *args, **kwargs):
+        trained["adapted"] = adapted
+        return real_train(adapted, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_adapter", recording_train)
     common = ("--test-cases", "none", "--checkpoint-every", "2", "--rank", "4")
     full = tmp_path / "full"
-    assert main(adapt_args(phantoms, tiny_foundation, full, *common, steps="4")) == 0
+    assert main(adapt_args(phantoms, tiny_foundation, full, *common, method=method, steps="4")) == 0
+    uninterrupted = trained.pop("adapted")
 
     killed = tmp_path / "killed"
     real_batch = PatchSampler.batch
@@ -85,30 +105,27 @@ def test_resume_after_kill_reaches_the_uninterrupted_tensors(phantoms, tiny_foun
 
     monkeypatch.setattr(PatchSampler, "batch", dying_batch)
     with pytest.raises(Killed):
-        pipeline.run_adapt(_job(phantoms, tiny_foundation, killed))
+        main(adapt_args(phantoms, tiny_foundation, killed, *common, method=method, steps="4"))
     assert (killed / "checkpoint.pt").exists() and not (killed / "run.json").exists()
     seconds_before_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["train_seconds"]
     assert seconds_before_kill > 0
     # a plain rerun refuses and points at --resume
     monkeypatch.setattr(PatchSampler, "batch", real_batch)
-    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, steps="4")) == 2
-    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, "--resume", steps="4")) == 0
+    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, method=method, steps="4")) == 2
+    assert main(adapt_args(phantoms, tiny_foundation, killed, *common, "--resume", method=method, steps="4")) == 0
     # the record counts the training time of both sessions, not only the resumed one
     assert json.loads((killed / "run.json").read_text())["train_seconds"] > seconds_before_kill
     a, b = load_file(full / "adapter.safetensors"), load_file(killed / "adapter.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key].numpy(), b[key].numpy()), key
-
-
-def _job(data, model, out):
-    from arenaseg.train.loop import TrainSettings
-
-    settings = TrainSettings(steps=4, patches_per_step=1, warmup_steps=1, checkpoint_every=2)
-    return pipeline.AdaptJob(
-        data=str(data), organ="pancreas", shots=2, seed=0, method="arena", out=str(out), model=str(model), rank=4,
-        test_cases="none", train=settings,
-    )  # fmt: skip
+    if method == "adalora":
+        expected, resumed = importance_scores(uninterrupted), importance_scores(trained["adapted"])
+        assert expected and expected.keys() == resumed.keys()
+        for key, scores in expected.items():
+            assert torch.equal(resumed[key], scores), key
+        totals = json.loads((full / "run.json").read_text())["rank_report"]["totals"]
+        assert totals["active_rank"] < totals["initial_rank"]  # the scores did mask components
 
 
 def _fails(capsys, args, *fragments):
