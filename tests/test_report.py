@@ -1,11 +1,13 @@
-"""`arenaseg report`: tables and plots from a synthetic bench folder (fixture cells, no training).
+"""`arenaseg report`: protocol-v2 tables and plots from a synthetic bench folder (fixture cells, no training).
 
-The fixture writes run.json files in the bench layout, as finished cells would, and results.csv is rebuilt from
-them; every expected number below is recomputed from the fixture's own values.
+The fixture writes run.json files in the bench layout (both tracks, zero-shot and scratch, several seeds), as
+finished cells would, and results.csv is rebuilt from them; every expected number below is recomputed from the
+fixture's own values.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import statistics
@@ -13,63 +15,88 @@ from pathlib import Path
 
 import pytest
 
-from arenaseg.bench.grid import RESULTS_FILE, cell_dir, parse_method, rebuild_results
+from arenaseg.bench.grid import BASE_ORGANS, PROTOCOL, RESULTS_FILE, cell_dir, parse_method, rebuild_results
 from arenaseg.bench.report import MISSING, learned_ranks, read_results, write_report
-from arenaseg.data.splits import NOVEL_ORGANS
+from arenaseg.cli import main
+from arenaseg.utils.errors import UserError
 
-METHODS = ("lp", "lora-r4", "lora-r16", "lora-r64", "arena-r4", "arena-r16", "arena-r64")  # no fft, adalora
 LAYERS = ("swinViT.layers1.0.blocks.0.attn.qkv", "swinViT.layers1.0.blocks.0.mlp.linear1")
 TESTS = ["btcv_0036", "btcv_0037"]
-SEEDS_BY_K = {1: (0, 1, 2), 5: (0, 1, 2), 10: (0,)}  # k=10: the whole pool, run once
-DROPPED = {("lp", "pancreas", 1, 2)} | {("arena-r64", "esophagus", 5, s) for s in (0, 1, 2)}
+RANKED = ("lora-r4", "lora-r16", "lora-r64", "arena-r4", "arena-r16", "arena-r64")
+BASE = ("lp", "fft", *RANKED)  # no adalora-r16: its row is all "–"
+NOVEL = ("lp", "fft", *RANKED, "scratch")
+NOVEL_ORGANS = ("pancreas", "gallbladder")
+SEEDS_BY_K = {1: (0, 1, 2), 5: (0, 1, 2), 10: (0,)}  # k = 10: the whole pool, run once
+# Missing cells: lora-r64's aorta at k = 1 (no mean over the 3 base organs), arena-r64's stomach at k = 5 seed 2
+# (a mean over 2 seeds)
+DROPPED = {("base", "lora-r64", "aorta", 1, s) for s in (0, 1, 2)} | {("base", "arena-r64", "stomach", 5, 2)}
+NO_LCC = "lp"  # its novel cells predate the LCC and NSD metrics
+V1_COLUMNS = "method,base_method,rank,organ,shots,seed,mean_dice,mean_hd95,trainable_params,whole_pool,steps_done"
 
 
-def fake_record(name: str, organ: str, k: int, seed: int, model: str) -> dict:
+def fake_record(track: str, name: str, organ: str, k: int, seed: int, precision: str = "fp32") -> dict:
     """A run.json as `run_adapt` writes it, with made-up but seeded numbers (test fixture)."""
     method, rank = parse_method(name)
-    rng = random.Random(f"{name}/{organ}/{k}/{seed}")
+    rng = random.Random(f"{track}/{name}/{organ}/{k}/{seed}/{precision}")
+    trainable = 0 if method == "zero-shot" else 13 if method == "lp" else 4_000_000 if rank is None else 1000 * rank
     record = {
         "method": method,
+        "track": track,
+        "protocol": PROTOCOL,
         "organ": organ,
         "shots": k,
         "seed": seed,
         "support_cases": [f"btcv_00{26 + i}" for i in range(k)],
         "support_note": "whole pool" if k == 10 else None,
         "test_cases": TESTS,
-        "model": model,
+        "model": "btcv-fs",
+        "model_sha256": "0123456789abcdef",
         "settings": {
-            "train": {"steps": 100, "patches_per_step": 2, "lr": 0.001, "head_lr_scale": 10.0},
+            "train": {"steps": 400, "patches_per_step": 2, "lr": 0.001, "head_lr_scale": 10.0, "precision": precision},
             "preprocess": {"spacing": [3.0, 3.0, 3.0], "patch_size": [64, 64, 64]},
-            "options": {"rank": rank or 16, "lam": 0.05, "rho": 0.02},
+            "options": {"rank": rank or 16, "lam": 0.05, "rho": 0.02, "decoder": "frozen"},
         },
-        "trainable_params": 13 if rank is None else 1000 * rank,
-        "steps_done": 100,
-        "seconds_per_step": rng.uniform(2.0, 4.0),
+        "trainable_params": trainable,
+        "steps_done": 0 if k == 0 else rng.randint(150, 400),
+        "stopped_early": k > 0 and rng.random() < 0.5,
+        "final_loss": None if k == 0 else rng.uniform(0.2, 0.9),
+        "seconds_per_step": None if k == 0 else rng.uniform(2.0, 4.0),
         "train_seconds": 300.0,
         "eval_seconds": 20.0,
         "peak_mem_mb": 900.0,
         "device": "cpu (fixture)",
         "git_commit": "abc1234",
-        "adapter_bytes": 4 * (13 if rank is None else 1000 * rank),
+        "adapter_bytes": 4 * trainable,
         "rank_report": {"totals": {"params": 0 if rank is None else rng.randint(100, 1000 * rank)}},
         "mean_dice": rng.uniform(20, 80),
         "mean_hd95": rng.uniform(5, 40),
     }
+    if not (track == "novel" and name == NO_LCC):
+        for metric in ("mean_dice_lcc", "mean_hd95_lcc", "mean_nsd", "mean_nsd_lcc"):
+            record[metric] = rng.uniform(5, 90)
     if method == "arena":
         record["ranks"] = {layer: {"initial": rank, "active": rng.randint(0, rank)} for layer in LAYERS}
         record["active_rank_total"] = sum(e["active"] for e in record["ranks"].values())
     return record
 
 
-def write_cells(out: Path, cells: list[tuple[str, str, int, int]], model: str) -> dict:
+def write_cells(out: Path, cells: list[tuple], precision: str = "fp32") -> dict:
     records = {}
     for key in cells:
-        record = fake_record(*key, model)
+        record = fake_record(*key, precision)
         path = out / cell_dir(*key) / "run.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(record))
         records[key] = record
     return records
+
+
+def grid_cells() -> list[tuple]:
+    cells = [("base", "zero-shot", o, 0, 0) for o in BASE_ORGANS]
+    cells += [("base", m, o, k, s) for m in BASE for o in BASE_ORGANS for k in (1, 5) for s in SEEDS_BY_K[k]]
+    cells += [("novel", m, o, k, s) for m in NOVEL for o in NOVEL_ORGANS for k in (5, 10) for s in SEEDS_BY_K[k]]
+    cells += [("novel", "lora-r16", "esophagus", 5, s) for s in (0, 1, 2)]  # an organ whose grid is incomplete
+    return [c for c in cells if c not in DROPPED]
 
 
 def section(report: str, heading: str) -> str:
@@ -85,163 +112,200 @@ def section(report: str, heading: str) -> str:
 
 
 def table(text: str) -> dict[str, dict[str, str]]:
-    """Row label -> {column header: cell} of the first Markdown table in ``text``."""
+    """Row label -> {column header: cell} of the first Markdown table in ``text`` (bold marks removed)."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
     return rows
 
 
-def fmt(values: list[float]) -> str:
+def first_row(text: str) -> str:
+    return [line for line in text.splitlines() if line.startswith("|")][2].strip("|").split("|")[0].strip()
+
+
+def fmt(values: list[float], digits: int = 1) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def per_seed_organ_means(records, method: str, k: int, metric: str = "mean_dice") -> list[float]:
-    """Per seed with every novel organ present, the mean over the organs (the fixture has no other gaps)."""
-    seeds = [s for s in SEEDS_BY_K[k] if all((method, o, k, s) in records for o in NOVEL_ORGANS)]
-    return [statistics.fmean(records[method, o, k, s][metric] for o in NOVEL_ORGANS) for s in seeds]
+def organ_means(records, track, method, k, organs, metric="mean_dice") -> list[float]:
+    """Per seed with every organ present, the mean over the organs (the fixture's whole-pool k = 10 has seed 0)."""
+    seeds = [s for s in (0, 1, 2) if all((track, method, o, k, s) in records for o in organs)]
+    return [statistics.fmean(records[track, method, o, k, s][metric] for o in organs) for s in seeds]
 
 
-@pytest.fixture
-def bench(tmp_path):
-    model = tmp_path / "foundation.safetensors"
-    card = {"eval": {"cases": TESTS, "dice_per_class": {"spleen": 91.0, "liver": 93.5, "stomach": 70.0}}}
-    model.with_suffix(".json").write_text(json.dumps(card))
-    out = tmp_path / "bench"
-    cells = [(m, o, k, s) for m in METHODS for o in NOVEL_ORGANS for k, seeds in SEEDS_BY_K.items() for s in seeds]
-    cells = [c for c in cells if c not in DROPPED]
-    cells += [(m, "spleen", 5, s) for m in ("lora-r16", "arena-r16") for s in (0, 1, 2)]
-    records = write_cells(out, cells, str(model))
+V2 = f"{PROTOCOL} fp32"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "bench"
+    records = write_cells(out, grid_cells())
+    bf16 = write_cells(out, [("base", "lp", o, 5, 3) for o in BASE_ORGANS], "bf16")  # another precision: own table
     rebuild_results(out)
-    report = write_report(out).read_text()
-    return out, records, report
+    return out, records, bf16, write_report(out).read_text()
 
 
-def test_main_table_is_mean_and_std_over_seeds_of_the_organ_mean(bench):
-    _, records, report = bench
-    text = section(report, "Table 1")
+def test_base_table_per_organ_with_zero_shot_first(bench):
+    _, records, _, report = bench
+    text = section(report, f"base track, {V2}: Dice (%) per organ, k=5")
     rows = table(text)
-    assert rows["lora-r16"]["Dice k=5"].strip("*") == fmt(per_seed_organ_means(records, "lora-r16", 5))
-    assert rows["lp"]["Dice k=1"].strip("*") == fmt(per_seed_organ_means(records, "lp", 1))  # seeds 0, 1 only
-    assert len(per_seed_organ_means(records, "lp", 1)) == 2
-    assert rows["arena-r4"]["Dice k=10"].strip("*") == fmt(per_seed_organ_means(records, "arena-r4", 10))
-    assert "±" not in rows["arena-r4"]["Dice k=10"]  # the whole pool, run once
-    assert rows["arena-r64"]["Dice k=5"] == MISSING  # esophagus never ran: no mean over three organs
-    assert set(rows["fft"].values()) == {MISSING} and set(rows["adalora-r16"].values()) == {MISSING}
-    hd95 = {m: statistics.fmean(v) for m in METHODS if (v := per_seed_organ_means(records, m, 5, "mean_hd95"))}
-    best_dice = max(METHODS, key=lambda m: statistics.fmean(per_seed_organ_means(records, m, 5) or [-1]))
-    best_hd95 = min(hd95, key=hd95.get)
-    for method, cells in rows.items():
-        assert cells["Dice k=5"].startswith("**") == (method == best_dice)
-        assert cells["HD95 k=5"].startswith("**") == (method == best_hd95)  # lower is better
-    assert "commit(s) abc1234" in text and "foundation.safetensors" in text and "cpu (fixture)" in text
-    assert "steps 100" in text and "lr 0.001 (head x10.0)" in text and "ARENA lambda 0.05, rho 0.02" in text
+    assert first_row(text) == "zero-shot"
+    for organ in BASE_ORGANS:
+        assert rows["zero-shot"][organ] == fmt([records["base", "zero-shot", organ, 0, 0]["mean_dice"]])
+        assert rows["lp"][organ] == fmt([records["base", "lp", organ, 5, s]["mean_dice"] for s in (0, 1, 2)])
+    assert rows["zero-shot"]["mean"] == fmt(organ_means(records, "base", "zero-shot", 0, BASE_ORGANS))
+    assert rows["fft"]["mean"] == fmt(organ_means(records, "base", "fft", 5, BASE_ORGANS))
+    assert set(rows["adalora-r16"].values()) == {MISSING}  # in the track's grid, never run
+    assert "scratch" not in rows  # a novel-track method
+    # arena-r64's stomach lacks seed 2: the mean is over seeds 0 and 1, and says so
+    assert rows["arena-r64"]["mean"] == fmt(organ_means(records, "base", "arena-r64", 5, BASE_ORGANS)) + " (n=2)"
+    assert len(organ_means(records, "base", "arena-r64", 5, BASE_ORGANS)) == 2
+    fewer_seeds = next(line for line in text.splitlines() if line.startswith("| arena-r64"))
+    assert "**" not in fewer_seeds  # a mean over fewer seeds never counts as the best
+    assert "commit(s) abc1234" in text and "cpu (fixture)" in text and "precision fp32" in text
+    assert "ARENA lambda 0.05, rho 0.02" in text and "step cap 400" in text
 
-    pancreas = table(section(report, "Dice (%) per organ, k=5"))
-    values = [records["arena-r64", "pancreas", 5, s]["mean_dice"] for s in (0, 1, 2)]
-    assert pancreas["arena-r64"]["pancreas"].strip("*") == fmt(values)
-    assert pancreas["arena-r64"]["esophagus"] == MISSING
-
-
-def test_rank_table_and_spread(bench):
-    _, records, report = bench
-    rows = table(section(report, "Table 2"))
-    means = {r: statistics.fmean(per_seed_organ_means(records, f"lora-r{r}", 5)) for r in (4, 16, 64)}
-    for r in (4, 16, 64):
-        assert rows["LoRA"][f"r={r}"].strip("*") == fmt(per_seed_organ_means(records, f"lora-r{r}", 5))
-    assert rows["LoRA"]["spread"].strip("*") == f"{max(means.values()) - min(means.values()):.1f}"
-    assert rows["ARENA"]["r=64"] == MISSING and rows["ARENA"]["spread"] == MISSING
-    assert rows["LoRA"]["spread"].startswith("**")  # the only spread, so the best
+    k1 = table(section(report, f"base track, {V2}: Dice (%) per organ, k=1"))
+    assert k1["lora-r64"]["aorta"] == MISSING and k1["lora-r64"]["mean"] == MISSING  # a mean needs every organ
+    assert k1["zero-shot"] == rows["zero-shot"]  # the same k = 0 cells head every k's table
 
 
-def test_efficiency_table_relative_to_lora(bench):
-    _, records, report = bench
-    rows = table(section(report, "Table 3"))
+def test_rows_of_another_precision_get_their_own_tables(bench):
+    _, records, bf16, report = bench
+    assert f"Groups here: {V2}; {PROTOCOL} bf16." in report
+    v2 = table(section(report, f"base track, {V2}: Dice (%) per organ, k=5"))
+    assert v2["lp"]["right_kidney"] == fmt(
+        [records["base", "lp", "right_kidney", 5, s]["mean_dice"] for s in (0, 1, 2)]
+    )
+    other = table(section(report, f"base track, {PROTOCOL} bf16: Dice (%) per organ, k=5"))
+    assert other["lp"]["right_kidney"] == fmt([bf16["base", "lp", "right_kidney", 5, 3]["mean_dice"]])
+    assert other["fft"]["right_kidney"] == MISSING
+
+
+def test_novel_table_over_the_organs_whose_grid_is_complete(bench):
+    _, records, _, report = bench
+    text = section(report, f"novel track, {V2}")
+    assert "Organs of the means: pancreas, gallbladder (the organs whose grid is complete; left out: esophagus)" in text
+    rows = table(section(report, f"novel track, {V2}: mean over organs per k"))
+    assert "zero-shot" not in rows
+    for method in ("scratch", "arena-r16", "fft"):
+        assert rows[method]["Dice k=5"] == fmt(organ_means(records, "novel", method, 5, NOVEL_ORGANS))
+        assert rows[method]["HD95 k=5"] == fmt(organ_means(records, "novel", method, 5, NOVEL_ORGANS, "mean_hd95"))
+    assert rows["lp"]["Dice k=10"] == fmt(organ_means(records, "novel", "lp", 10, NOVEL_ORGANS))
+    assert "±" not in rows["lp"]["Dice k=10"]  # the whole pool, run once
+    assert set(rows["adalora-r16"].values()) == {MISSING}
+
+
+def test_post_processing_table_shows_lcc_beside_the_raw_metric(bench):
+    _, records, _, report = bench
+    rows = table(section(report, f"novel track, {V2}: with and without largest-component post-processing, k=5"))
+    for label, metric in (("Dice", "mean_dice"), ("Dice LCC", "mean_dice_lcc"), ("HD95 LCC", "mean_hd95_lcc")):
+        assert rows["arena-r4"][label] == fmt(organ_means(records, "novel", "arena-r4", 5, NOVEL_ORGANS, metric))
+    assert rows[NO_LCC]["Dice"] == fmt(organ_means(records, "novel", NO_LCC, 5, NOVEL_ORGANS))
+    assert {rows[NO_LCC][c] for c in ("Dice LCC", "HD95 LCC", "NSD", "NSD LCC")} == {MISSING}  # never invented
+
+
+def test_rank_table_and_spread_per_track(bench):
+    _, records, _, report = bench
+    for track, organs in (("base", BASE_ORGANS), ("novel", NOVEL_ORGANS)):
+        rows = table(section(report, f"{track} track, {V2}: rank robustness"))
+        for family, label in (("lora", "LoRA"), ("arena", "ARENA")):
+            per_rank = {r: organ_means(records, track, f"{family}-r{r}", 5, organs) for r in (4, 16, 64)}
+            for r, values in per_rank.items():
+                assert rows[label][f"r={r}"].removesuffix(" (n=2)") == fmt(values)
+            means = [statistics.fmean(v) for v in per_rank.values()]
+            assert rows[label]["spread"] == f"{max(means) - min(means):.1f}"
+
+
+def test_training_table_final_loss_and_steps(bench):
+    _, records, _, report = bench
+    rows = table(section(report, f"base track, {V2}: training"))
+    assert "zero-shot" not in rows  # trains nothing
+    for method in ("fft", "arena-r64"):
+        cells = [r for key, r in records.items() if key[:2] == ("base", method) and key[3] == 5]
+        assert rows[method]["final loss k=5"] == f"{statistics.fmean(r['final_loss'] for r in cells):.3f}"
+        assert rows[method]["steps run k=5"] == f"{statistics.fmean(r['steps_done'] for r in cells):.0f}"
+        assert rows[method]["stopped early k=5"] == f"{sum(r['stopped_early'] for r in cells)}/{len(cells)}"
+    assert rows["adalora-r16"]["final loss k=1"] == MISSING
+
+
+def test_efficiency_relative_to_lora_at_the_same_rank(bench):
+    _, records, _, report = bench
+    rows = table(section(report, f"novel track, {V2}: efficiency"))
 
     def mean(method, get):
-        return statistics.fmean(get(r) for key, r in records.items() if key[0] == method)
+        return statistics.fmean(
+            get(r) for k, r in records.items() if k[:2] == ("novel", method) and k[2] != "esophagus"
+        )
 
-    for method in ("arena-r16", "lora-r16", "lp"):
-        cells = rows[method]
-        assert cells["trainable params"].strip("*") == f"{mean(method, lambda r: r['trainable_params']):,.0f}"
-        assert cells["cells"] == str(sum(key[0] == method for key in records))
     step = mean("arena-r16", lambda r: r["seconds_per_step"]) / mean("lora-r16", lambda r: r["seconds_per_step"])
-    assert rows["arena-r16"]["s/step vs LoRA same r"].strip("*") == f"{step:.2f}x"
+    assert rows["arena-r16"]["s/step vs LoRA same r"] == f"{step:.2f}x"
     active = mean("arena-r4", lambda r: r["rank_report"]["totals"]["params"]) / mean(
         "lora-r4", lambda r: r["rank_report"]["totals"]["params"]
     )
-    assert rows["arena-r4"]["active adapter params vs LoRA same r"].strip("*") == f"{active:.2f}x"
-    assert rows["lp"]["s/step vs LoRA same r"] == MISSING  # no rank, nothing to compare with
-    assert rows["lp"]["trainable params"] == "**13**"
+    assert rows["arena-r4"]["active adapter params vs LoRA same r"] == f"{active:.2f}x"
+    assert rows["scratch"]["trainable params"] == "4,000,000" and rows["scratch"]["s/step vs LoRA same r"] == MISSING
+    assert rows["lp"]["cells"] == str(sum(k[:2] == ("novel", "lp") for k in records))
+    assert "zero-shot" not in table(section(report, f"base track, {V2}: efficiency"))
 
 
-def test_transfer_table_with_zero_shot_from_the_model_card(bench):
-    _, records, report = bench
-    rows = table(section(report, "Table 4"))
-    zero = next(cells for label, cells in rows.items() if label.startswith("zero-shot"))
-    assert zero["spleen"] == "**91.0**"  # fixture Dice are below 80: the zero-shot row is the column's best
-    assert zero["liver"] == "**93.5**"  # the only liver value
-    spleen = [records["arena-r16", "spleen", 5, s]["mean_dice"] for s in (0, 1, 2)]
-    assert rows["arena-r16 (k=5)"]["spleen"].strip("*") == fmt(spleen)
-    assert rows["arena-r16 (k=5)"]["liver"] == MISSING
-    assert "stomach" not in zero  # not a base-organ transfer target
+def test_plots_per_track_and_the_v1_link(bench):
+    out, _, _, report = bench
+    for track in ("base", "novel"):
+        for name in ("dice_vs_rank", "dice_vs_params", "learned_ranks"):
+            path = out / "plots" / f"{track}_{name}.png"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+            assert f"(plots/{track}_{name}.png)" in report
+    assert "[v1 (history)](" in report and "btcv-fs-gpu/report.md)" in report
 
 
-def test_plots_are_written(bench):
-    out, _, report = bench
-    for name in ("dice_vs_rank.png", "learned_ranks.png", "dice_vs_params.png"):
-        path = out / "plots" / name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
-        assert f"(plots/{name})" in report
-
-
-def test_learned_ranks_are_the_mean_over_seeds_of_the_cells_run_json(bench):
-    out, records, _ = bench
-    rows = read_results(out / RESULTS_FILE)
+def test_learned_ranks_are_the_mean_over_seeds_of_the_track_cells(bench):
+    out, records, _, _ = bench
+    rows = [r for r in read_results(out / RESULTS_FILE) if r["track"] == "novel"]
     found = learned_ranks(out, rows, "arena-r16")
     for layer in LAYERS:
-        for organ in (*NOVEL_ORGANS, "spleen"):
-            expected = statistics.fmean(records["arena-r16", organ, 5, s]["ranks"][layer]["active"] for s in (0, 1, 2))
+        for organ in NOVEL_ORGANS:
+            expected = statistics.fmean(
+                records["novel", "arena-r16", organ, 5, s]["ranks"][layer]["active"] for s in (0, 1, 2)
+            )
             assert found[layer, organ] == expected
-    assert {organ for _, organ in learned_ranks(out, rows, "arena-r64")} == set(NOVEL_ORGANS) - {"esophagus"}
 
 
-def test_transfer_not_run_and_results_rebuilt_when_lost(tmp_path):
-    out = tmp_path / "bench"
-    write_cells(out, [("lora-r4", o, 5, 0) for o in NOVEL_ORGANS], str(tmp_path / "no-card.safetensors"))
-    assert not (out / RESULTS_FILE).exists()
-    report = write_report(out).read_text()
-    assert (out / RESULTS_FILE).is_file()
-    assert "not run" in section(report, "Table 4")
-    assert "Learned rank per adapted layer (ARENA): not enough finished cells" in report
-    assert table(section(report, "Table 2"))["ARENA"]["r=4"] == MISSING
+def test_tracks_and_organs_chosen_from_the_cli(bench, capsys):
+    out, records, _, _ = bench
+    assert main(["report", str(out), "--tracks", "novel", "--organs", "pancreas"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## base track" not in report
+    rows = table(section(report, f"novel track, {V2}: mean over organs per k"))
+    assert rows["fft"]["Dice k=5"] == fmt(organ_means(records, "novel", "fft", 5, ["pancreas"]))
+    with pytest.raises(UserError, match="have no finished cell .* present: "):
+        write_report(out, ["liver"])
+    with pytest.raises(UserError, match="tracks \\['other'\\]"):
+        write_report(out, tracks=["other"])
 
 
-def test_report_needs_a_bench_folder(tmp_path):
+def test_report_rebuilds_results_and_needs_a_bench_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `arenaseg bench"):
         write_report(tmp_path)
-
-
-def test_report_over_chosen_organs_gives_means_where_the_full_set_cannot(bench):
-    out, records, full = bench
-    assert table(section(full, "Table 1"))["arena-r64"]["Dice k=5"] == MISSING  # esophagus never ran
-    chosen = [o for o in NOVEL_ORGANS if o != "esophagus"]
-    rows = table(section(write_report(out, chosen).read_text(), "Table 1"))
-    seeds = [s for s in SEEDS_BY_K[5] if all(("arena-r64", o, 5, s) in records for o in chosen)]
-    per_seed = [statistics.fmean(records["arena-r64", o, 5, s]["mean_dice"] for o in chosen) for s in seeds]
-    assert rows["arena-r64"]["Dice k=5"].strip("*") == fmt(per_seed)
-    with pytest.raises(ValueError, match="have no finished cell .* present: "):
-        write_report(out, ["liver"])
-
-
-def test_an_unmeasured_step_time_is_left_out_of_the_efficiency_mean(tmp_path):
     out = tmp_path / "bench"
-    records = write_cells(out, [("lp", "pancreas", 5, s) for s in (0, 1)], str(tmp_path / "no-card.safetensors"))
-    unmeasured = out / cell_dir("lp", "pancreas", 5, 0) / "run.json"
-    unmeasured.write_text(json.dumps({**records["lp", "pancreas", 5, 0], "seconds_per_step": float("nan")}))
-    row = table(section(write_report(out).read_text(), "Table 3"))["lp"]
-    assert row["s/step"].strip("*") == f"{records['lp', 'pancreas', 5, 1]['seconds_per_step']:.2f}"
+    write_cells(out, [("novel", "lora-r4", "pancreas", 5, 0)])
+    report = write_report(out).read_text()
+    assert (out / RESULTS_FILE).is_file()
+    assert "Learned rank per adapted layer (ARENA): not enough finished cells" in report
+    assert table(section(report, f"novel track, {V2}: rank robustness"))["ARENA"]["r=4"] == MISSING
+
+
+def test_a_v1_results_csv_reads_as_its_own_group(tmp_path):
+    """v1's results.csv has no track, protocol or precision columns: it is reported apart, never as v2."""
+    with open(tmp_path / RESULTS_FILE, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(V1_COLUMNS.split(","))
+        for seed, dice in enumerate((10.0, 20.0)):
+            writer.writerow(["lp", "lp", "", "pancreas", 5, seed, dice, 30.0, 13, "False", 100])
+    report = write_report(tmp_path).read_text()
+    assert "Groups here: v1 fp32." in report
+    assert table(section(report, "unrecorded track, v1 fp32: mean over organs per k"))["lp"]["Dice k=5"] == "15.0 ± 7.1"

@@ -252,7 +252,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from arenaseg.bench.report import write_report
 
-    print(f"wrote {write_report(args.out, _csv(args.organs) if args.organs else None)}")
+    organs = _csv(args.organs) if args.organs else None
+    print(f"wrote {write_report(args.out, organs, _csv(args.tracks) if args.tracks else None)}")
     return 0
 
 
@@ -340,9 +341,11 @@ def add_bench_parsers(sub) -> None:
     p.add_argument(
         "--organs",
         default=None,
-        help="comma-separated organs that the tables' means and the plots cover, e.g. those whose grid is "
-        "complete (default: the four novel organs of BTCV-FS, or every organ run)",
+        help="comma-separated organs that the tables' means and the plots cover, in every track holding any of "
+        "them, e.g. those whose grid is complete (default: the base track's 3 organs; in other tracks the organs "
+        "whose grid is complete)",
     )
+    p.add_argument("--tracks", default=None, help="comma-separated tracks to report, e.g. base (default: every track)")
     p.set_defaults(func=cmd_report)
 
 

@@ -1,7 +1,8 @@
-"""`arenaseg report OUT`: BENCHMARK.md's four tables and three plots from a bench's results.csv.
+"""`arenaseg report OUT`: BENCHMARK.md's protocol-v2 tables and plots, per track, from a bench's results.csv.
 
 Only finished cells are used: a value with a missing cell behind it is shown as "–", never filled in, and every
-table says which commits, models, devices and settings produced its numbers, so mixed provenance is visible.
+table says which commits, models, devices and settings produced its numbers, so mixed provenance is visible. Rows
+of different (protocol, precision) never share a table: each such group gets its own tables.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,15 +21,31 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from arenaseg.bench.grid import BTCV_ORGAN_ORDER, CELLS_DIR, DEFAULT_METHODS, RESULTS_FILE, cell_dir, rebuild_results
-from arenaseg.data.splits import NOVEL_ORGANS, SHOTS, TRANSFER_ORGANS
+from arenaseg.bench.grid import (
+    BASE_ORGANS,
+    BTCV_ORGAN_ORDER,
+    CELLS_DIR,
+    DEFAULT_METHODS,
+    PRESETS,
+    PROTOCOL,
+    RESULTS_FILE,
+    cell_dir,
+    rebuild_results,
+)
 from arenaseg.pipeline import RUN_FILE
 from arenaseg.utils.atomic import atomic_path, write_text
+from arenaseg.utils.errors import UserError
+from arenaseg.utils.precision import DEFAULT_PRECISION
 
 REPORT_FILE, PLOTS_DIR = "report.md", "plots"
 MISSING = "–"
 RANK_FAMILIES = {"lora": "LoRA", "arena": "ARENA"}
 RANK_K = 5  # BENCHMARK.md: rank robustness at k = 5; the learned-rank and Dice-vs-parameters plots follow it
+ZERO_SHOT = "zero-shot"  # one cell per organ at k = 0: the first row of every k's table
+TRACK_ORDER = ("base", "novel")
+UNRECORDED = "unrecorded"  # the track of rows from before the track column (v1)
+V1 = "v1"  # the protocol of rows from before the protocol column
+V1_REPORT = Path("benchmarks/results/btcv-fs-gpu/report.md")  # v1's committed report, relative to the checkout
 INT_COLUMNS = (
     "rank",
     "shots",
@@ -43,6 +61,11 @@ INT_COLUMNS = (
 FLOAT_COLUMNS = (
     "mean_dice",
     "mean_hd95",
+    "mean_nsd",
+    "mean_dice_lcc",
+    "mean_hd95_lcc",
+    "mean_nsd_lcc",
+    "final_loss",
     "seconds_per_step",
     "peak_mem_mb",
     "train_seconds",
@@ -51,6 +74,17 @@ FLOAT_COLUMNS = (
     "head_lr_scale",
     "lam",
     "rho",
+)
+BOOL_COLUMNS = ("whole_pool", "stopped_early")
+# (column, label, lower is better) of the post-processing table: each metric as predicted and after keeping the
+# largest connected component (LCC)
+SURFACE_METRICS = (
+    ("mean_dice", "Dice", False),
+    ("mean_dice_lcc", "Dice LCC", False),
+    ("mean_hd95", "HD95", True),
+    ("mean_hd95_lcc", "HD95 LCC", True),
+    ("mean_nsd", "NSD", False),
+    ("mean_nsd_lcc", "NSD LCC", False),
 )
 
 
@@ -70,18 +104,26 @@ def stat(values: Sequence[float]) -> Stat | None:
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """results.csv rows with numbers parsed; empty fields become None."""
+    """results.csv rows with numbers parsed; empty fields and columns an older CSV lacks become None."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("method", "organ", "shots", "seed") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path} lacks the columns {missing}: not a results.csv of arenaseg bench")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
         for key, value in row.items():
-            if value == "":
+            if value == "" or value is None:
                 row[key] = None
-            elif key in INT_COLUMNS:
-                row[key] = int(value)
-            elif key in FLOAT_COLUMNS:
-                row[key] = float(value)
-        row["whole_pool"] = row["whole_pool"] == "True"
+            elif key in INT_COLUMNS or key in FLOAT_COLUMNS:
+                try:
+                    row[key] = int(value) if key in INT_COLUMNS else float(value)
+                except ValueError:
+                    raise UserError(f"{path}:{line}: column {key} holds {value!r}, not a number") from None
+            elif key in BOOL_COLUMNS:
+                row[key] = value == "True"
+        for key in (*INT_COLUMNS, *FLOAT_COLUMNS, *BOOL_COLUMNS, "track", "protocol", "precision"):
+            row.setdefault(key, None)
     return rows
 
 
@@ -123,10 +165,17 @@ def organ_mean(rows: Sequence[dict], method: str, k: int, organs: Sequence[str],
     return stat(per_seed)
 
 
-def fmt(s: Stat | None, digits: int = 1) -> str:
+def shots_of(method: str, k: int) -> int:
+    """The k whose cells stand for ``method`` in k's tables: zero-shot's single cell is at k = 0."""
+    return 0 if method == ZERO_SHOT else k
+
+
+def fmt(s: Stat | None, digits: int = 1, full_n: int = 1) -> str:
+    """Mean ± std; "(n=2)" marks a mean over fewer seeds than the table's others (a seed still missing)."""
     if s is None:
         return MISSING
-    return f"{s.mean:.{digits}f}" + ("" if s.std is None else f" ± {s.std:.{digits}f}")
+    text = f"{s.mean:.{digits}f}" + ("" if s.std is None else f" ± {s.std:.{digits}f}")
+    return text + (f" (n={s.n})" if s.n < full_n else "")
 
 
 def bold_best(column: list[float | None], cells: list[str], better: Callable = max) -> list[str]:
@@ -149,11 +198,17 @@ def markdown_table(header: Sequence[str], columns: Sequence[Sequence[str]]) -> s
 def stat_columns(
     labels: list[str], stats_by_column: dict[str, list[Stat | None]], better: dict[str, Callable]
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and columns of a table of ``Stat`` values, the best of each column in bold."""
+    """Header and columns of a table of ``Stat`` values, the best of each column in bold. A value over fewer
+    seeds than the column's fullest trained row says so, and is not a candidate for best (zero-shot is one cell
+    by design)."""
     columns = [labels]
     for name, stats in stats_by_column.items():
-        cells = [fmt(s) for s in stats]
-        columns.append(bold_best([s.mean if s else None for s in stats], cells, better.get(name, max)))
+        full = [1 if label == ZERO_SHOT else None for label in labels]
+        full_n = max((s.n for f, s in zip(full, stats, strict=True) if s and f is None), default=1)
+        full = [f or full_n for f in full]
+        cells = [fmt(s, full_n=f) for f, s in zip(full, stats, strict=True)]
+        means = [s.mean if s and s.n >= f else None for f, s in zip(full, stats, strict=True)]
+        columns.append(bold_best(means, cells, better.get(name, max)))
     return ["Method", *stats_by_column], columns
 
 
@@ -169,54 +224,75 @@ def provenance(rows: Sequence[dict]) -> str:
 
     arena = [r for r in rows if r["lam"] is not None]
     return (
-        f"_From {len(rows)} finished cells; commit(s) {distinct('commit')}; model(s) {distinct('model')} "
-        f"(sha256 {distinct('model_sha256')}); loss {distinct('loss')}; "
-        f"device(s) {distinct('device')}; steps {distinct('steps')}, patches/step {distinct('patches_per_step')}, "
-        f"lr {distinct('lr')} (head x{distinct('head_lr_scale')}), spacing {distinct('spacing')} mm, "
-        f"patch {distinct('patch')}"
+        f"_From {len(rows)} finished cells; protocol {distinct('protocol')}, precision {distinct('precision')}; "
+        f"commit(s) {distinct('commit')}; model(s) {distinct('model')} (sha256 {distinct('model_sha256')}); "
+        f"loss {distinct('loss')}; device(s) {distinct('device')}; step cap {distinct('steps')}, "
+        f"patches/step {distinct('patches_per_step')}, lr {distinct('lr')} (head x{distinct('head_lr_scale')}), "
+        f"decoder {distinct('decoder')}, spacing {distinct('spacing')} mm, patch {distinct('patch')}, "
+        f"intensity {distinct('intensity')}"
         + (f", ARENA lambda {distinct_in(arena, 'lam')}, rho {distinct_in(arena, 'rho')}" if arena else "")
         + "._"
     )
 
 
-def method_order(rows: Sequence[dict]) -> list[str]:
-    """The nine grid methods (shown even when not run, as "–"), then any other method present."""
-    return [*DEFAULT_METHODS, *sorted({r["method"] for r in rows} - set(DEFAULT_METHODS))]
+def method_order(rows: Sequence[dict], track: str) -> list[str]:
+    """The track's grid methods in DEFAULT_METHODS' order (shown even when not run, as "–"), then any other."""
+    expected = {m for preset in PRESETS.values() for t in preset.tracks if t.name == track for m in t.methods}
+    wanted = expected | {r["method"] for r in rows}
+    return [m for m in DEFAULT_METHODS if m in wanted] + sorted(wanted - set(DEFAULT_METHODS))
 
 
-def main_organs(rows: Sequence[dict]) -> list[str]:
-    """BTCV-FS's four novel organs when the grid has any of them; else every organ run except base transfer."""
+def ordered_organs(organs: Iterable[str]) -> list[str]:
+    order = (*BASE_ORGANS, *BTCV_ORGAN_ORDER)
+    organs = set(organs)
+    return [o for o in order if o in organs] + sorted(organs - set(order))
+
+
+def complete_organs(rows: Sequence[dict]) -> list[str]:
+    """Organs with a cell for every (method, k, seed) that any organ of ``rows`` has (a whole-pool organ ran once
+    per (method, k)): the organs whose grid is complete so far."""
+    have = {(r["organ"], r["method"], r["shots"], r["seed"]) for r in rows}
+    whole = {(r["organ"], r["method"], r["shots"]) for r in rows if r["whole_pool"]}
+    need = {key[1:] for key in have}
     present = {r["organ"] for r in rows}
-    if present & set(NOVEL_ORGANS):
-        return list(BTCV_ORGAN_ORDER)
-    return sorted(present - set(TRANSFER_ORGANS))
+    return ordered_organs(o for o in present if all((o, m, k, s) in have or (o, m, k) in whole for m, k, s in need))
 
 
-def table_main(rows: Sequence[dict], organs: list[str]) -> str:
-    used = [r for r in rows if r["organ"] in organs]
-    methods = method_order(rows)
-    shots = sorted(set(SHOTS) | {r["shots"] for r in used})
+def default_organs(rows: Sequence[dict], track: str) -> tuple[list[str], str]:
+    """The organs a track's means cover, and why: the base track's three organs (the paper's mean), else the
+    organs whose grid is complete."""
+    present = {r["organ"] for r in rows}
+    if track == "base" and present <= set(BASE_ORGANS):
+        return list(BASE_ORGANS), "the base track's organs"
+    complete = complete_organs(rows)
+    left_out = ordered_organs(present - set(complete))
+    why = "the organs whose grid is complete" + (f"; left out: {', '.join(left_out)}" if left_out else "")
+    return complete, why
+
+
+def table_per_organ(rows: Sequence[dict], methods: list[str], organs: list[str], k: int) -> str:
+    """Dice per organ and the mean over ``organs`` at k (zero-shot's k = 0 cell as its row)."""
+    stats = {o: [organ_stat(rows, m, o, shots_of(m, k), "mean_dice") for m in methods] for o in organs}
+    stats["mean"] = [organ_mean(rows, m, shots_of(m, k), organs, "mean_dice") for m in methods]
+    header, columns = stat_columns(methods, stats, {})
+    return markdown_table(header, columns)
+
+
+def table_over_k(rows: Sequence[dict], methods: list[str], organs: list[str], shots: list[int]) -> str:
     stats = {
-        f"{label} k={k}": [organ_mean(used, m, k, organs, metric) for m in methods]
+        f"{label} k={k}": [organ_mean(rows, m, shots_of(m, k), organs, metric) for m in methods]
         for label, metric in (("Dice", "mean_dice"), ("HD95", "mean_hd95"))
         for k in shots
     }
-    better = {f"HD95 k={k}": min for k in shots}
-    header, columns = stat_columns(methods, stats, better)
-    parts = [
-        "## Table 1: main results",
-        f"Mean over the organs {', '.join(organs)} of Dice (%) and HD95 (mm), per method and k; mean ± std over "
-        "seeds. A value needs every organ.",
-        "",
-        markdown_table(header, columns),
-        "",
-        provenance(used),
-    ]
-    for k in sorted({r["shots"] for r in used}):
-        per_organ = {organ: [organ_stat(used, m, organ, k, "mean_dice") for m in methods] for organ in organs}
-        header, columns = stat_columns(methods, per_organ, {})
-        parts += ["", f"### Dice (%) per organ, k={k}", "", markdown_table(header, columns)]
-    return "\n".join(parts)
+    header, columns = stat_columns(methods, stats, {f"HD95 k={k}": min for k in shots})
+    return markdown_table(header, columns)
+
+
+def table_post_processing(rows: Sequence[dict], methods: list[str], organs: list[str], k: int) -> str:
+    metrics = [m for m in SURFACE_METRICS if any(r[m[0]] is not None for r in rows)]
+    stats = {label: [organ_mean(rows, m, shots_of(m, k), organs, col) for m in methods] for col, label, _ in metrics}
+    header, columns = stat_columns(methods, stats, {label: min for _, label, lower in metrics if lower})
+    return markdown_table(header, columns)
 
 
 def _family_ranks(rows: Sequence[dict]) -> list[int]:
@@ -224,7 +300,7 @@ def _family_ranks(rows: Sequence[dict]) -> list[int]:
 
 
 def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
-    used = [r for r in rows if r["base_method"] in RANK_FAMILIES and r["shots"] == RANK_K and r["organ"] in organs]
+    used = [r for r in rows if r["base_method"] in RANK_FAMILIES and r["shots"] == RANK_K]
     ranks = _family_ranks(used)
     families = list(RANK_FAMILIES)
     stats = {f"r={r}": [organ_mean(used, f"{f}-r{r}", RANK_K, organs, "mean_dice") for f in families] for r in ranks}
@@ -235,17 +311,7 @@ def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
     header, columns = stat_columns([RANK_FAMILIES[f] for f in families], stats, {})
     spread_cells = [MISSING if s is None else f"{s:.1f}" for s in spreads]
     columns.append(bold_best(spreads, spread_cells, min))
-    return "\n".join(
-        [
-            "## Table 2: rank robustness",
-            f"Dice (%) at k={RANK_K}, mean over {', '.join(organs)} (mean ± std over seeds), by initial rank r; "
-            "spread = max - min over r (lower is more robust).",
-            "",
-            markdown_table([*header, "spread"], columns),
-            "",
-            provenance(used),
-        ]
-    )
+    return markdown_table([*header, "spread"], columns) + "\n\n" + provenance(used)
 
 
 def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
@@ -254,8 +320,30 @@ def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def table_efficiency(rows: Sequence[dict]) -> str:
-    methods = [m for m in method_order(rows) if any(r["method"] == m for r in rows)]
+def table_training(rows: Sequence[dict], methods: list[str], shots: list[int]) -> str:
+    """Final training loss and steps run, mean over each method's cells, per k: whether the methods fit."""
+    trained = [m for m in methods if m != ZERO_SHOT]
+    columns: list[list[str]] = [trained]
+    header = ["Method"]
+    for k in shots:
+        at_k = [r for r in rows if r["shots"] == k]
+        for key, label, digits in (("final_loss", "final loss", 3), ("steps_done", "steps run", 0)):
+            values = [_mean_of(at_k, m, key) for m in trained]
+            columns.append([MISSING if v is None else f"{v:.{digits}f}" for v in values])
+            header.append(f"{label} k={k}")
+        stopped = []
+        for m in trained:
+            flags = [r["stopped_early"] for r in at_k if r["method"] == m and r["stopped_early"] is not None]
+            stopped.append(f"{sum(flags)}/{len(flags)}" if flags else MISSING)
+        columns.append(stopped)
+        header.append(f"stopped early k={k}")
+    return markdown_table(header, columns)
+
+
+def table_efficiency(rows: Sequence[dict], methods: list[str]) -> str:
+    methods = [m for m in methods if m != ZERO_SHOT and any(r["method"] == m for r in rows)]
+    if not methods:
+        return "No trained cell finished yet."
     rank_of = {r["method"]: r["rank"] for r in rows}
     columns: list[list[str]] = [methods]
     header = ["Method"]
@@ -269,8 +357,6 @@ def table_efficiency(rows: Sequence[dict]) -> str:
         cells = [MISSING if v is None else f"{v / scale:,.{digits}f}" for v in values]
         columns.append(bold_best(values, cells, min))
         header.append(label)
-        if key == "trainable_params":
-            continue
         ratios = []
         for m, v in zip(methods, values, strict=True):
             lora = _mean_of(rows, f"lora-r{rank_of[m]}", key) if rank_of[m] is not None else None
@@ -279,65 +365,7 @@ def table_efficiency(rows: Sequence[dict]) -> str:
         header.append(f"{label} vs LoRA same r")
     columns.append([str(sum(r["method"] == m for r in rows)) for m in methods])
     header.append("cells")
-    return "\n".join(
-        [
-            "## Table 3: efficiency",
-            "Means over each method's finished cells; active adapter params are those of the components left after "
-            "ARENA's pruning (AdaLoRA: its budget); ratios are to LoRA at the same initial rank. Lowest in bold.",
-            "",
-            markdown_table(header, columns),
-            "",
-            provenance(rows),
-        ]
-    )
-
-
-def zero_shot_dice(model: str, test_cases: set[str]) -> dict[str, float] | None:
-    """The foundation model's per-class test Dice from its card, when the card was evaluated on ``test_cases``."""
-    from arenaseg.models.registry import BUILTIN_DIR, BUILTIN_NAMES
-
-    card = BUILTIN_DIR / f"{model}.json" if model in BUILTIN_NAMES else Path(model).with_suffix(".json")
-    if not card.is_file():
-        return None
-    evaluation = json.loads(card.read_text()).get("eval")
-    if not evaluation or set(evaluation.get("cases", [])) != test_cases:
-        return None
-    return evaluation["dice_per_class"]
-
-
-def table_transfer(rows: Sequence[dict]) -> str:
-    used = [r for r in rows if r["organ"] in TRANSFER_ORGANS]
-    tests = {r["test_cases"] for r in rows if r["test_cases"]}
-    zero = {}
-    if len(tests) == 1:
-        test_set = set(tests.pop().split(";"))
-        for model in sorted({r["model"] for r in rows if r["model"]}):
-            dice = zero_shot_dice(model, test_set)
-            if dice:
-                zero[model] = dice
-    organs = [o for o in TRANSFER_ORGANS if any(r["organ"] == o for r in used) or any(o in d for d in zero.values())]
-    title = "## Table 4: base-organ transfer and zero-shot Dice"
-    if not organs:
-        return f"{title}\nnot run (no base-organ cells, and no model card evaluated on these test cases)."
-    labels = [f"zero-shot ({model})" for model in zero]
-    stats = {o: [Stat(d[o], None, 1) if o in d else None for d in zero.values()] for o in organs}
-    for k in sorted({r["shots"] for r in used}):
-        for m in method_order(used):
-            labels.append(f"{m} (k={k})")
-            for o in organs:
-                stats[o].append(organ_stat(used, m, o, k, "mean_dice"))
-    header, columns = stat_columns(labels, stats, {})
-    return "\n".join(
-        [
-            title,
-            "Dice (%) on the test cases, mean ± std over seeds; zero-shot: the foundation model's own class "
-            "(its card's evaluation on the same test cases).",
-            "",
-            markdown_table(["Row", *header[1:]], columns),
-            "",
-            provenance(used) if used else "_No base-organ cells finished._",
-        ]
-    )
+    return markdown_table(header, columns)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -347,30 +375,60 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_dice_vs_rank(rows: Sequence[dict], organs: list[str], path: Path) -> Path | None:
-    families = [f for f in RANK_FAMILIES if any(r["base_method"] == f and r["shots"] == RANK_K for r in rows)]
-    if not families:
-        return None
+def plot_dice_vs_rank(rows: Sequence[dict], organs: list[str], title: str, path: Path) -> Path | None:
+    """LoRA and ARENA Dice (mean over ``organs``) against the initial rank at k = RANK_K, seed std as bars."""
     ranks = _family_ranks(rows)
-    fig = Figure(figsize=(5 * len(families), 4))
-    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
-    for ax, family in zip(axes, families, strict=True):
-        for organ in organs:
-            points = [
-                (r, s.mean) for r in ranks if (s := organ_stat(rows, f"{family}-r{r}", organ, RANK_K, "mean_dice"))
-            ]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=organ)
-        means = [(r, s.mean) for r in ranks if (s := organ_mean(rows, f"{family}-r{r}", RANK_K, organs, "mean_dice"))]
-        if means:
-            ax.plot(*zip(*means, strict=True), marker="s", color="black", linewidth=2.5, label="mean")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_title(f"{RANK_FAMILIES[family]}, k={RANK_K}")
-        ax.set_xlabel("initial rank r")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Dice (%)")
-    axes[-1].legend(fontsize=8)
+    lines = {}
+    for family, label in RANK_FAMILIES.items():
+        points = [(r, s) for r in ranks if (s := organ_mean(rows, f"{family}-r{r}", RANK_K, organs, "mean_dice"))]
+        if points:
+            lines[label] = points
+    if not lines:
+        return None
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
+    for label, points in lines.items():
+        x = [r for r, _ in points]
+        ax.errorbar(
+            x, [s.mean for _, s in points], yerr=[s.std or 0 for _, s in points], marker="o", capsize=3, label=label
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_title(f"{title}, k={RANK_K}")
+    ax.set_xlabel("initial rank r")
+    ax.set_ylabel(f"Dice (%), mean over {len(organs)} organs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_dice_vs_params(
+    rows: Sequence[dict], methods: list[str], organs: list[str], title: str, path: Path
+) -> Path | None:
+    """The paper's Fig. 1b: Dice (mean over ``organs``) against trainable parameters (log x), one marker per
+    method; zero-shot (nothing trained) is a horizontal line."""
+    points = []
+    for method in methods:
+        dice = organ_mean(rows, method, RANK_K, organs, "mean_dice")
+        params = _mean_of(rows, method, "trainable_params")
+        if dice and params:
+            points.append((method, params, dice))
+    if not points:
+        return None
+    zero = organ_mean(rows, ZERO_SHOT, 0, organs, "mean_dice")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method, params, dice in points:
+        ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3)
+        ax.annotate(method, (params, dice.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if zero:
+        ax.axhline(zero.mean, color="grey", linestyle="--", label=f"zero-shot ({zero.mean:.1f})")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"Dice (%), k={RANK_K}, mean over {len(organs)} organs")
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -380,22 +438,21 @@ def learned_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[tuple[st
     for r in rows:
         if r["method"] != method or r["shots"] != RANK_K:
             continue
-        run = out / cell_dir(method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
+        run = out / cell_dir(r["track"], method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
         if run.is_file():
             for layer, entry in json.loads(run.read_text()).get("ranks", {}).items():
                 ranks.setdefault((layer, r["organ"]), []).append(entry["active"])
     return {key: statistics.fmean(values) for key, values in ranks.items()}
 
 
-def plot_learned_ranks(out: Path, rows: Sequence[dict], path: Path) -> Path | None:
+def plot_learned_ranks(out: Path, rows: Sequence[dict], methods: list[str], path: Path) -> Path | None:
     """One heatmap (layers x organs) per ARENA method, on shared axes so that the methods compare at a glance."""
-    arena = [m for m in method_order(rows) if any(r["method"] == m and r["base_method"] == "arena" for r in rows)]
+    arena = [m for m in methods if any(r["method"] == m and r["base_method"] == "arena" for r in rows)]
     maps = {m: found for m in arena if (found := learned_ranks(out, rows, m))}
     if not maps:
         return None
     layers = list(dict.fromkeys(layer for found in maps.values() for layer, _ in found))
-    present = {organ for found in maps.values() for _, organ in found}
-    organs = [o for o in BTCV_ORGAN_ORDER if o in present] + sorted(present - set(BTCV_ORGAN_ORDER))
+    organs = ordered_organs(organ for found in maps.values() for _, organ in found)
     fig = Figure(figsize=(3 + len(maps) * (1.5 + 0.6 * len(organs)), 2 + 0.3 * len(layers)))
     axes = fig.subplots(1, len(maps), sharey=True, squeeze=False)[0]
     for ax, (method, found) in zip(axes, maps.items(), strict=True):
@@ -408,32 +465,124 @@ def plot_learned_ranks(out: Path, rows: Sequence[dict], path: Path) -> Path | No
     return _save(fig, path)
 
 
-def plot_dice_vs_params(rows: Sequence[dict], organs: list[str], path: Path) -> Path | None:
-    points = []
-    for method in method_order(rows):
-        dice = organ_mean(rows, method, RANK_K, organs, "mean_dice")
-        params = _mean_of(rows, method, "trainable_params")
-        if dice and params:
-            points.append((method, params, dice))
-    if not points:
-        return None
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for method, params, dice in points:
-        ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3)
-        ax.annotate(method, (params, dice.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"Dice (%), k={RANK_K}, mean over {len(organs)} organs")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+def _group_key(row: dict) -> tuple[str, str]:
+    """(protocol, precision): rows recorded before these columns are v1's, trained in fp32."""
+    return row["protocol"] or V1, row["precision"] or DEFAULT_PRECISION
 
 
-def write_report(out: str | os.PathLike, organs: Sequence[str] | None = None) -> Path:
+def _sort_groups(keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """This protocol at the default precision first, then the others."""
+    return sorted(keys, key=lambda g: (g[0] != PROTOCOL, g[1] != DEFAULT_PRECISION, g))
+
+
+def _sort_tracks(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=lambda t: (TRACK_ORDER.index(t) if t in TRACK_ORDER else len(TRACK_ORDER), t))
+
+
+def track_section(
+    out: Path, rows: list[dict], track: str, group: tuple[str, str], organs: list[str], why: str, slug: str
+) -> list[str]:
+    """Every table and plot of one track within one (protocol, precision) group."""
+    methods = method_order(rows, track)
+    title = f"{track} track, {group[0]} {group[1]}"
+    shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT})
+    shots = [k for k in shots if k == RANK_K] + [k for k in shots if k != RANK_K]  # k = 5 first
+    used = [r for r in rows if r["organ"] in organs]
+    listed = ", ".join(organs) or MISSING
+    parts = [f"## {title}", "", f"Organs of the means: {listed} ({why}). Mean ± std over seeds.", ""]
+    zero = " Zero-shot (nothing trained, one cell per organ) is every k's first row." if ZERO_SHOT in methods else ""
+    for k in shots:
+        at_k = [r for r in used if r["shots"] in (k, 0)]
+        parts += [
+            f"### {title}: Dice (%) per organ, k={k}",
+            "",
+            f"Dice per organ and the mean over {listed}; a mean needs every organ.{zero}",
+            "",
+            table_per_organ(used, methods, organs, k),
+            "",
+            provenance(at_k),
+            "",
+        ]
+    if shots:
+        parts += [
+            f"### {title}: mean over organs per k",
+            "",
+            f"Dice (%) and HD95 (mm), mean over {listed}, per method and k.",
+            "",
+            table_over_k(used, methods, organs, shots),
+            "",
+            provenance(used),
+            "",
+        ]
+    if any(r[col] is not None for r in used for col in ("mean_dice_lcc", "mean_nsd")):
+        for k in shots:
+            at_k = [r for r in used if r["shots"] in (k, 0)]
+            parts += [
+                f"### {title}: with and without largest-component post-processing, k={k}",
+                "",
+                f"Mean over {listed} of each metric as predicted and keeping the largest connected component (LCC); "
+                f"NSD in %. {MISSING}: a cell that did not record the metric.",
+                "",
+                table_post_processing(used, methods, organs, k),
+                "",
+                provenance(at_k),
+                "",
+            ]
+    parts += [
+        f"### {title}: rank robustness",
+        "",
+        f"Dice (%) at k={RANK_K}, mean over {listed}, by initial rank r; spread = max - min over r "
+        "(lower is more robust).",
+        "",
+        table_ranks(used, organs),
+        "",
+        f"### {title}: training",
+        "",
+        "Final training loss and steps run, mean over each method's cells of these organs; stopped early: cells "
+        "that stopped on the training-loss plateau before the step cap.",
+        "",
+        table_training(used, methods, shots),
+        "",
+        provenance([r for r in used if r["method"] != ZERO_SHOT]),
+        "",
+        f"### {title}: efficiency",
+        "",
+        "Means over each method's cells of these organs; active adapter params are those of the components left "
+        "after ARENA's pruning (AdaLoRA: its budget); ratios are to LoRA at the same initial rank. Lowest in bold.",
+        "",
+        table_efficiency(used, methods),
+        "",
+        provenance([r for r in used if r["method"] != ZERO_SHOT]),
+        "",
+        f"### {title}: plots",
+        "",
+    ]
+    plots = out / PLOTS_DIR
+    figures = {
+        "Dice vs initial rank": plot_dice_vs_rank(used, organs, title, plots / f"{slug}_dice_vs_rank.png"),
+        "Dice vs trainable parameters": plot_dice_vs_params(
+            used, methods, organs, title, plots / f"{slug}_dice_vs_params.png"
+        ),
+        "Learned rank per adapted layer (ARENA)": plot_learned_ranks(
+            out, rows, methods, plots / f"{slug}_learned_ranks.png"
+        ),
+    }
+    for name, path in figures.items():
+        parts += [
+            f"![{title}: {name}]({path.relative_to(out)})" if path else f"{name}: not enough finished cells.",
+            "",
+        ]
+    return parts
+
+
+def write_report(
+    out: str | os.PathLike, organs: Sequence[str] | None = None, tracks: Sequence[str] | None = None
+) -> Path:
     """Write OUT/report.md (and OUT/plots/*.png) from OUT/results.csv, rebuilt from OUT/cells when it is missing.
 
-    ``organs`` restricts the tables' organ means and the plots to those organs (e.g. the ones whose grid is
-    complete while the others still run); default: BTCV-FS's four novel organs (see `main_organs`)."""
+    ``tracks`` limits the report to those tracks. ``organs`` sets the organs of the means and plots of every
+    track holding any of them (e.g. the ones whose grid is complete while the others still run); a track holding
+    none keeps its default (`default_organs`)."""
     out = Path(out)
     if not (out / RESULTS_FILE).is_file():
         if not (out / CELLS_DIR).is_dir():
@@ -442,44 +591,45 @@ def write_report(out: str | os.PathLike, organs: Sequence[str] | None = None) ->
             )
         rebuild_results(out)
     rows = read_results(out / RESULTS_FILE)
+    for row in rows:
+        row["track"] = row["track"] or UNRECORDED
     if not rows:
-        raise ValueError(f"{out / RESULTS_FILE} lists no finished cell yet")
-    if organs is None:
-        organs = main_organs(rows)
-    else:
-        present = sorted({r["organ"] for r in rows})
+        raise UserError(f"{out / RESULTS_FILE} lists no finished cell yet")
+    if tracks is not None:
+        present = _sort_tracks({r["track"] for r in rows})
+        unknown = [t for t in tracks if t not in present]
+        if unknown or not tracks:
+            raise UserError(f"tracks {unknown or tracks} have no finished cell in {out}; present: {', '.join(present)}")
+        rows = [r for r in rows if r["track"] in tracks]
+    if organs is not None:
+        present = ordered_organs(r["organ"] for r in rows)
         unknown = [o for o in organs if o not in present]
         if unknown or not organs:
-            raise ValueError(
-                f"organs {unknown or organs} have no finished cell in {out}; present: {', '.join(present)}"
-            )
-        organs = list(organs)
-    plots = out / PLOTS_DIR
-    figures = {
-        "Dice vs initial rank": plot_dice_vs_rank(rows, organs, plots / "dice_vs_rank.png"),
-        "Learned rank per adapted layer (ARENA)": plot_learned_ranks(out, rows, plots / "learned_ranks.png"),
-        "Dice vs trainable parameters": plot_dice_vs_params(rows, organs, plots / "dice_vs_params.png"),
-    }
+            raise UserError(f"organs {unknown or organs} have no finished cell in {out}; present: {', '.join(present)}")
+
+    groups = _sort_groups({_group_key(r) for r in rows})
+    v1 = Path(os.path.relpath(V1_REPORT.resolve(), out.resolve())).as_posix()
     parts = [
         f"# Benchmark report: {out.name}",
         "",
         f"{len(rows)} finished cells from `{RESULTS_FILE}`. Best value per column in **bold**; {MISSING} = not run "
-        "(missing cells are never filled in).",
+        "(missing cells are never filled in). Rows are grouped by (protocol, precision): rows of different groups "
+        f"never share a table. Groups here: {'; '.join(f'{p} {q}' for p, q in groups)}.",
         "",
-        table_main(rows, organs),
+        f"Protocol v1 results (novel organs, 100 steps, no tracks): [v1 (history)]({v1}).",
         "",
-        table_ranks(rows, organs),
-        "",
-        table_efficiency(rows),
-        "",
-        table_transfer(rows),
-        "",
-        "## Plots",
     ]
-    for title, path in figures.items():
-        parts.append(
-            f"![{title}]({path.relative_to(out)})" if path else f"{title}: not enough finished cells for this plot."
-        )
+    for group in groups:
+        in_group = [r for r in rows if _group_key(r) == group]
+        for track in _sort_tracks({r["track"] for r in in_group}):
+            track_rows = [r for r in in_group if r["track"] == track]
+            chosen = [o for o in organs or () if any(r["organ"] == o for r in track_rows)]
+            if chosen:
+                why = "chosen with --organs"
+            else:
+                chosen, why = default_organs(track_rows, track)
+            slug = track if group == groups[0] else re.sub(r"[^A-Za-z0-9.-]+", "_", f"{group[0]}_{group[1]}_{track}")
+            parts += track_section(out, track_rows, track, group, chosen, why, slug)
     path = out / REPORT_FILE
-    write_text(path, "\n".join(parts) + "\n")
+    write_text(path, "\n".join(parts).rstrip("\n") + "\n")
     return path
