@@ -1,13 +1,20 @@
-"""Training-step time and memory of ARENA vs PEFT LoRA (ranks 4, 16, 64) vs full fine-tuning, and the inference time
-of a merged ARENA model vs its base, on the CPU-preset Swin-UNETR (feature size 12, binary head). Not a test.
+"""Training-step time of ARENA vs PEFT LoRA (ranks 4, 16, 64) per precision, and P7: what the training path adds to a
+bare forward + backward, on the CPU-preset Swin-UNETR (feature size 12, binary head). Not a test.
 
-    .venv/bin/python benchmarks/step_time.py            # ranks 4 16 64, 7 timed repeats after 1 warm-up
-    .venv/bin/python benchmarks/step_time.py --quick    # smoke run: rank 4, 2 repeats
+    .venv/bin/python benchmarks/step_time.py --threads 1 --precisions fp32 bf16   # CPU
+    .venv/bin/python benchmarks/step_time.py --device cuda --precisions fp32 bf16  # GPU mode: ARENA and LoRA only
+    .venv/bin/python benchmarks/step_time.py --quick                               # smoke run
 
-A training step is forward + backward + optimizer step (+ the method's after-step hook) on a batch of 2 patches of
-64^3; inference is one 64^3 patch without gradients. All models are built first and the cases are timed
-interleaved, round after round (the starting case rotates each round), so that drifts in machine load hit every
-case alike; the table reports medians.
+A training step is `arenaseg.train.loop.training_step` (the loop's own function: forward and loss under the
+precision's autocast, backward, optimizer step, after-step hook) plus the scheduler step, on one fixed batch of 2
+patches of 64^3. P7 (CPU) compares, on one ARENA model: the loop's timed span (the sampler drawing 2 patches from
+in-memory volumes of an abdomen CT's size at 3 mm, `training_step`, the scheduler step: what `train_adapter`
+reports as seconds per step) against a bare forward + loss + backward of the same model on one such batch, under
+the same autocast. The GPU mode times the ARENA and LoRA steps only and records which other processes used the
+GPU (there should be none). ``--fft`` and ``--inference`` add full fine-tuning and merged-ARENA inference cases.
+
+All models are built first and the cases are timed interleaved, round after round (the starting case rotates each
+round), so that drifts in machine load hit every case alike; the tables report medians.
 
 Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` over a step minus the allocation before it (exact).
 On CPU (Linux, glibc), the process's peak resident set size during the step (VmHWM, reset through
@@ -22,7 +29,10 @@ import argparse
 import copy
 import ctypes
 import datetime
+import itertools
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,17 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
+from monai.data import MetaTensor
 from torch import nn
 
 from arenaseg.adapters import AdaptOptions, adapt_model, arena_layers, merge_arena
+from arenaseg.data.preprocess import PreprocessSettings
+from arenaseg.data.sampling import PatchSampler
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr, replace_with_binary_head
-from arenaseg.train.pretrain import device_name, git_commit
+from arenaseg.train.loop import TrainSettings, loss_function, training_step
+from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import write_text
+from arenaseg.utils.precision import PRECISIONS, autocast, grad_scaler
+from arenaseg.utils.provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results" / "step_time.md"
 PATCH = 64
 BATCH = 2
+VOLUME = (116, 116, 218)  # btcv_0026 (128 x 128 x 131 voxels of 2.73 x 2.73 x 5 mm) resampled to 3 mm
+P7_METHOD = ("arena", 16)
 
 
 class PeakMemory:
@@ -79,9 +96,14 @@ class Case:
     name: str
     run: Callable[[], object]
     params: int
+    precision: str = "fp32"
     seconds: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
     step_mib: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
 
 
 def base_model(device: torch.device) -> nn.Module:
@@ -91,21 +113,69 @@ def base_model(device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def training_case(method: str, rank: int, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Case:
-    adapted = adapt_model(base_model(device), method, AdaptOptions(rank=rank))
-    adapted.model.train()
-    optimizer = adapted.make_optimizer()
-    loss_fn = DiceCELoss(sigmoid=True)
+class Trainer:
+    """One adapted model with the loop's optimizer, schedule, loss and loss scaler for ``precision``."""
 
-    def step() -> None:
-        loss = adapted.training_loss(*batch, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, method: str, rank: int, precision: str, device: torch.device) -> None:
+        self.adapted = adapt_model(base_model(device), method, AdaptOptions(rank=rank))
+        self.adapted.model.train()
+        self.settings = TrainSettings(precision=precision)
+        s = self.settings
+        self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.head_lr_scale)
+        self.scheduler = warmup_cosine(self.optimizer, 10**6, s.warmup_steps)
+        self.scaler = grad_scaler(precision, device)
+        self.loss_fn = loss_function(s.cross_entropy)
+        self.steps = itertools.count()
+        self.name = "fft" if method == "fft" else f"{method} r={rank}"
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """What the loop does per step after drawing the batch."""
+        step = next(self.steps)
+        training_step(self.adapted, self.optimizer, self.scaler, images, labels, self.loss_fn, self.settings, step)
+        self.scheduler.step()
+
+
+def training_case(method: str, rank: int, precision: str, batch, device: torch.device) -> Case:
+    trainer = Trainer(method, rank, precision, device)
+    return Case(trainer.name, lambda: trainer.step(*batch), trainer.adapted.trainable_params, precision)
+
+
+def synthetic_volumes(count: int = 3) -> list[dict]:
+    """In-memory volumes of an abdomen CT's size with one organ-sized foreground blob each, as the sampler gets them
+    from the preprocessing cache (MetaTensors)."""
+    gen = torch.Generator().manual_seed(1)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in VOLUME), indexing="ij"))
+    volumes = []
+    for i in range(count):
+        centre = torch.tensor([n // 2 + 10 * (i - 1) for n in VOLUME]).view(3, 1, 1, 1)
+        label = ((grid - centre).float().norm(dim=0) < 12).float()[None]
+        volumes.append({"image": MetaTensor(torch.rand(1, *VOLUME, generator=gen)), "label": MetaTensor(label)})
+    return volumes
+
+
+def p7_cases(precision: str, sampler: PatchSampler, device: torch.device) -> list[Case]:
+    """The loop's timed span and a bare forward + backward, on one shared ARENA model."""
+    trainer = Trainer(*P7_METHOD, precision, device)
+    model, loss_fn = trainer.adapted.model, trainer.loss_fn
+    steps = itertools.count()
+
+    def loop_span() -> None:
+        images, labels = sampler.batch(next(steps))
+        trainer.step(images.to(device), labels.to(device))
+
+    images, labels = (t.to(device) for t in sampler.batch(0))
+
+    def bare() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = loss_fn(model(images), labels)
         loss.backward()
-        optimizer.step()
-        adapted.after_optimizer_step(0)
 
-    name = "fft" if method == "fft" else f"{method} r={rank}"
-    return Case(name, step, adapted.trainable_params)
+    params = trainer.adapted.trainable_params
+    return [
+        Case(f"P7 {trainer.name}: loop step (sampler + training_step)", loop_span, params, precision),
+        Case(f"P7 {trainer.name}: bare forward + backward", bare, params, precision),
+    ]
 
 
 def inference_cases(rank: int, image: torch.Tensor, device: torch.device) -> list[Case]:
@@ -143,80 +213,140 @@ def run_interleaved(cases: list[Case], warmup: int, repeats: int, memory: PeakMe
                 case.seconds.append(seconds)
                 case.peak_mib.append(peak)
                 case.step_mib.append(peak - before)
-            print(f"  round {round_ + 1}/{warmup + repeats} {case.name}: {seconds:.3f} s", file=sys.stderr)
+            print(
+                f"  round {round_ + 1}/{warmup + repeats} {case.name} {case.precision}: {seconds:.3f} s",
+                file=sys.stderr,
+            )
 
 
 def table(cases: list[Case], with_params: bool) -> str:
-    head = "| case | " + ("trainable params | " if with_params else "") + "median s | min s | peak MiB | step MiB |"
+    head = "| case | precision | " + ("trainable params | " if with_params else "")
+    head += "median s | min s | peak MiB | step MiB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cases:
         params = f"{c.params:,} | " if with_params else ""
         lines.append(
-            f"| {c.name} | {params}{statistics.median(c.seconds):.3f} | {min(c.seconds):.3f} | "
+            f"| {c.name} | {c.precision} | {params}{c.median:.3f} | {min(c.seconds):.3f} | "
             f"{max(c.peak_mib):.0f} | {max(c.step_mib):.0f} |"
         )
     return "\n".join(lines)
 
 
+def ratios(train: list[Case], p7: list[Case], ranks: list[int], precisions: list[str]) -> list[str]:
+    """The issue's ratios from the medians: bf16/fp32 per method, ARENA/LoRA per rank (P5), loop / bare (P7)."""
+    median = {(c.name, c.precision): c.median for c in train}
+    lines = ["| ratio | value | target |", "|---|---|---|"]
+    lowered = [p for p in precisions if p != "fp32"] if "fp32" in precisions else []
+    for precision, rank, method in itertools.product(lowered, ranks, ("arena", "lora")):
+        name = f"{method} r={rank}"
+        value = median[(name, precision)] / median[(name, "fp32")]
+        lines.append(f"| {name}: {precision} / fp32 | {value:.3f} | <= 0.7 (r=16) |")
+    for precision, rank in itertools.product(precisions, ranks):
+        value = median[(f"arena r={rank}", precision)] / median[(f"lora r={rank}", precision)]
+        lines.append(f"| P5 ARENA / LoRA, r={rank}, {precision} | {value:.3f} | <= 1.05 |")
+    for loop, bare in zip(p7[::2], p7[1::2], strict=True):
+        lines.append(f"| P7 loop step / bare fwd+bwd, {loop.precision} | {loop.median / bare.median:.3f} | <= 1.10 |")
+    return lines
+
+
+def other_gpu_processes() -> str:
+    """Other processes' use of the GPUs, from nvidia-smi (the GPU mode is meant to run alone)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        return f"unknown (nvidia-smi: {err})"
+    mine = str(os.getpid())
+    others = [line.strip() for line in out.splitlines() if line.strip() and line.split(",")[0].strip() != mine]
+    return "; ".join(others) if others else "none"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: rank 4 only, 2 repeats")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--quick", action="store_true", help="smoke run: rank 4 only, 1 repeat, no warm-up")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64], help="(default: %(default)s)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fft", action="store_true", help="add full fine-tuning at each precision")
+    parser.add_argument("--inference", action="store_true", help="add base / unmerged / merged ARENA inference")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.ranks, args.repeats = [4], 2
+        args.ranks, args.repeats, args.warmup = [4], 1, 0
     if args.repeats < 1 or args.warmup < 0 or any(r < 1 for r in args.ranks):
         parser.error("--repeats >= 1, --warmup >= 0 and ranks >= 1 needed")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
     memory = PeakMemory(device)
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(BATCH, 1, PATCH, PATCH, PATCH, generator=gen).to(device)
     labels = (torch.rand(BATCH, 1, PATCH, PATCH, PATCH, generator=gen) > 0.8).float().to(device)
-    train = [training_case(m, r, (images, labels), device) for r in args.ranks for m in ("arena", "lora")]
-    train.append(training_case("fft", args.ranks[0], (images, labels), device))
-    infer = inference_cases(args.ranks[-1], images[:1], device)
+    train = [
+        training_case(method, rank, precision, (images, labels), device)
+        for precision in args.precisions
+        for rank in args.ranks
+        for method in ("arena", "lora")
+    ]
+    if args.fft and not gpu:
+        train += [training_case("fft", 1, precision, (images, labels), device) for precision in args.precisions]
+    p7: list[Case] = []
+    if not gpu:
+        sampler = PatchSampler(synthetic_volumes(), PreprocessSettings(), BATCH, seed=0)
+        p7 = [case for precision in args.precisions for case in p7_cases(precision, sampler, device)]
     for case in train:
-        print(f"{case.name}: {case.params:,} trainable parameters", file=sys.stderr)
+        print(f"{case.name} {case.precision}: {case.params:,} trainable parameters", file=sys.stderr)
 
-    run_interleaved(train, args.warmup, args.repeats, memory, grad=True)
-    run_interleaved(infer, args.warmup, args.repeats, memory, grad=False)
+    run_interleaved(train + p7, args.warmup, args.repeats, memory, grad=True)
+    infer = inference_cases(args.ranks[-1], images[:1], device) if args.inference and not gpu else []
+    if infer:
+        run_interleaved(infer, args.warmup, args.repeats, memory, grad=False)
 
     command = "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = "\n".join(
-        [
-            "# Training-step and inference time: ARENA vs PEFT LoRA vs full fine-tuning",
+    report = [
+        "# Training-step time: ARENA vs PEFT LoRA per precision, and the training path's overhead (P7)",
+        "",
+        *(["**Quick smoke run (--quick): not for reporting.**", ""] if args.quick else []),
+        f"- command: `{command.strip()}`",
+        f"- git commit: {git_commit()}",
+        f"- device: {device_name(device)}",
+        *([f"- other processes on the GPU: {other_gpu_processes()}"] if gpu else []),
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+        f"- torch {torch.__version__}; model: Swin-UNETR cpu_preset (feature size 12), binary head",
+        f"- {args.repeats} timed rounds after {args.warmup} warm-up, all cases interleaved; medians",
+        "- memory: "
+        + ("CUDA allocator peak" if gpu else "peak RSS (VmHWM reset per step)")
+        + "; 'step MiB' = peak minus usage before the step (see the script's docstring)",
+        "",
+        f"## Training step (batch {BATCH} x {PATCH}^3: training_step + scheduler step)",
+        "",
+        table(train, with_params=True),
+        "",
+    ]
+    if p7:
+        report += [
+            f"## P7: the loop's timed span vs a bare forward + backward ({P7_METHOD[0]} r={P7_METHOD[1]})",
             "",
-            *(["**Quick smoke run (--quick): not for reporting.**", ""] if args.quick else []),
-            f"- command: `{command.strip()}`",
-            f"- git commit: {git_commit()}",
-            f"- device: {device_name(device)}",
-            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-            f"- torch {torch.__version__}; model: Swin-UNETR cpu_preset (feature size 12), binary head",
-            f"- {args.repeats} timed rounds after {args.warmup} warm-up, cases interleaved; medians",
-            "- memory: "
-            + ("CUDA allocator peak" if device.type == "cuda" else "peak RSS (VmHWM reset per step)")
-            + "; 'step MiB' = peak minus usage before the step (see the script's docstring)",
+            f"The loop step draws its {BATCH} patches from in-memory {'x'.join(map(str, VOLUME))} volumes.",
             "",
-            f"## Training step (batch {BATCH} x {PATCH}^3: forward + backward + optimizer step)",
-            "",
-            table(train, with_params=True),
-            "",
-            f"## Inference (one {PATCH}^3 patch, no grad)",
-            "",
-            table(infer, with_params=False),
+            table(p7, with_params=False),
             "",
         ]
-    )
-    print(report)
-    write_text(args.out, report)
+    report += ["## Ratios of medians", "", *ratios(train, p7, args.ranks, args.precisions), ""]
+    if infer:
+        report += [f"## Inference (one {PATCH}^3 patch, no grad, fp32)", "", table(infer, with_params=False), ""]
+    text = "\n".join(report)
+    print(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

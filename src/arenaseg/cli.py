@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from arenaseg.data.preprocess import PreprocessSettings
+from arenaseg.utils.precision import DEFAULT_PRECISION
 
 
 def _csv(text: str) -> list[str]:
@@ -47,6 +48,19 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_precision_arg(p: argparse.ArgumentParser, default: str) -> None:
+    from arenaseg.utils.precision import PRECISIONS
+
+    p.add_argument(
+        "--precision",
+        default=default,
+        choices=PRECISIONS,
+        help="autocast precision of the forward pass and loss: fp32 (none), bf16, or fp16 (with loss scaling); "
+        "weights and optimizer states stay float32. fp32 on every device until bf16's Dice parity is measured; "
+        "fp16 is slow on CPUs without half-precision kernels (default: %(default)s)",
+    )
+
+
 def _preprocess(args: argparse.Namespace) -> PreprocessSettings:
     if args.patch <= 0 or args.patch % 32:
         raise ValueError(f"--patch must be a positive multiple of 32 (Swin-UNETR downsamples 32x), got {args.patch}")
@@ -80,6 +94,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         save_dtype=args.save_dtype,
         sampling=args.sampling,
         init=args.init,
+        precision=args.precision,
     )
     result = pretrain(
         data,
@@ -112,6 +127,7 @@ def _train_settings(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         stop_patience=args.stop_patience,
         seed=args.seed,
+        precision=args.precision,
     )
 
 
@@ -171,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         outputs = [dst / p.name.replace("_0000.nii", ".nii") for p in inputs]
     else:
         inputs, outputs = [src], [dst]
-    for path in run_predict(args.run, inputs, outputs, args.device):
+    for path in run_predict(args.run, inputs, outputs, args.device, precision=args.precision):
         print(f"wrote {path}")
     return 0
 
@@ -237,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results_from = None if args.results_from == "none" else args.results_from
     overrides = {
         "model": preset_model(args.preset, args.model),
-        "train": TrainSettings(steps=args.steps),
+        "train": TrainSettings(steps=args.steps, precision=args.precision),
         "preprocess": _preprocess(args),
         "cache_dir": args.cache_dir,
         "device": args.device,
@@ -334,6 +350,7 @@ def add_bench_parsers(sub) -> None:
     )
     _add_preprocess_args(p)
     _add_device_arg(p)
+    _add_precision_arg(p, TrainSettings.precision)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="report.md (BENCHMARK.md's tables) and PNG plots from a bench folder")
@@ -350,6 +367,8 @@ def add_bench_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from arenaseg.train.pretrain import PretrainSettings
+
     parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -422,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the stored weights; float16 halves the file, loading casts back (default: %(default)s)",
     )
     _add_preprocess_args(p)
+    _add_precision_arg(p, PretrainSettings.precision)
     p.set_defaults(func=cmd_pretrain)
 
     from arenaseg.adapters import METHODS
@@ -495,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out (default: refuse)")
     _add_preprocess_args(p)
     _add_device_arg(p)
+    _add_precision_arg(p, t.precision)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("predict", help="segment new scans with an adapted run")
@@ -503,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output .nii.gz (or folder when --input is a folder)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     _add_device_arg(p)
+    _add_precision_arg(p, DEFAULT_PRECISION)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references, on the references' grid")

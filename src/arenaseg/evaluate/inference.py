@@ -15,6 +15,7 @@ from torch import nn
 
 from arenaseg.data.preprocess import PreprocessSettings, check_case_files, deterministic_transforms
 from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.precision import DEFAULT_PRECISION, autocast
 
 
 @torch.no_grad()
@@ -25,8 +26,10 @@ def predict_volume(
     head: str = "sigmoid",
     overlap: float = 0.25,
     sw_batch_size: int = 2,
+    precision: str = DEFAULT_PRECISION,
 ) -> np.ndarray:
-    """Label map (uint8) on the image file's own voxel grid. ``head``: "sigmoid" (binary, logit > 0) or "softmax"."""
+    """Label map (uint8) on the image file's own voxel grid. ``head``: "sigmoid" (binary, logit > 0) or "softmax";
+    ``precision``: the forward's autocast (`arenaseg.utils.precision`); windows are blended in float32."""
     check_case_files(Path(image_path))
     pre = Compose(deterministic_transforms(settings, None))
     data = pre({"image": str(image_path)})
@@ -35,14 +38,15 @@ def predict_volume(
     was_training = model.training
     model.eval()
     try:
-        logits = sliding_window_inference(
-            image.as_tensor()[None].to(device),
-            settings.patch_size,
-            sw_batch_size,
-            model,
-            overlap=overlap,
-            mode="gaussian",
-        )[0].cpu()
+        with autocast(precision, device):
+            logits = sliding_window_inference(
+                image.as_tensor()[None].to(device),
+                settings.patch_size,
+                sw_batch_size,
+                model,
+                overlap=overlap,
+                mode="gaussian",
+            )[0].cpu()
     finally:
         model.train(was_training)
     labels = (logits > 0).to(torch.uint8) if head == "sigmoid" else logits.argmax(0, keepdim=True).to(torch.uint8)

@@ -33,9 +33,11 @@ from arenaseg.models.foundation import load_state_strict, save_foundation
 from arenaseg.models.registry import load_model
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from arenaseg.train.loop import recorded_settings
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
 from arenaseg.utils.device import device_name
+from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, grad_scaler
 
 
 @dataclass
@@ -61,8 +63,11 @@ class PretrainSettings:
     save_dtype: str = "float32"
     sampling: str = "class-balanced"
     init: str = ""  # a model to continue from (built-in name or our .safetensors); "" = random initialisation
+    precision: str = DEFAULT_PRECISION  # fp32 | bf16 | fp16 autocast (arenaseg.utils.precision)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         for name in ("steps", "patches_per_step", "checkpoint_every", "feature_size"):
@@ -180,14 +185,17 @@ def _pretrain(
     sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed, crop)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = warmup_cosine(optimizer, settings.steps, settings.warmup_steps)
+    check_precision(settings.precision, device)
+    scaler = grad_scaler(settings.precision, device)
     start = 0
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["settings"] != asdict(settings):
+        if recorded_settings(state["settings"]) != asdict(settings):
             raise ValueError(f"{state_path} was written with other settings {state['settings']}; cannot resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))  # absent before precision existed (fp32)
         start = state["step"]
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -201,10 +209,12 @@ def _pretrain(
     )
     for step in bar:
         images, labels = sampler.batch(step, dist_info.rank)
-        loss = loss_fn(net(images.to(device)), labels.to(device))
+        with autocast(settings.precision, device):  # the loss on float32 logits, as in the adaptation loop
+            loss = loss_fn(net(images.to(device)).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
         done = step + 1
@@ -213,6 +223,7 @@ def _pretrain(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
                 "step": done,
                 "settings": asdict(settings),
             }
@@ -239,7 +250,7 @@ def _pretrain(
         "command": command,
     }
     if eval_cases:
-        card["eval"] = evaluate_classes(model, data, eval_cases, classes, preprocess)
+        card["eval"] = evaluate_classes(model, data, eval_cases, classes, preprocess, settings.precision)
     path = save_foundation(out, model, config, card, dtype=getattr(torch, settings.save_dtype))
     state_path.unlink(missing_ok=True)
     return PretrainResult(path, model, dist_info.rank)
@@ -267,7 +278,14 @@ def initialise_from(model: torch.nn.Module, config: ModelConfig, name_or_path: s
     }
 
 
-def evaluate_classes(model, data: Dataset, case_ids: Sequence[str], classes: dict[str, int], preprocess) -> dict:
+def evaluate_classes(
+    model,
+    data: Dataset,
+    case_ids: Sequence[str],
+    classes: dict[str, int],
+    preprocess,
+    precision: str = DEFAULT_PRECISION,
+) -> dict:
     """Per-class Dice (%) and HD95 (mm) on the cases' original grids, plus the mean Dice over classes."""
     import nibabel as nib
     import numpy as np
@@ -279,7 +297,7 @@ def evaluate_classes(model, data: Dataset, case_ids: Sequence[str], classes: dic
     per_case = {}
     for cid in tqdm(case_ids, desc="evaluate", leave=False):
         case = data.case(cid)
-        pred = predict_volume(model, case.image, preprocess, head="softmax")
+        pred = predict_volume(model, case.image, preprocess, head="softmax", precision=precision)
         ref_img = nib.load(str(case.label))
         ref = np.asarray(ref_img.dataobj)
         spacing = ref_img.header.get_zooms()[:3]
