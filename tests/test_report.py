@@ -299,6 +299,15 @@ def test_report_rebuilds_results_and_needs_a_bench_folder(tmp_path):
     assert table(section(report, f"novel track, {V2}: rank robustness"))["ARENA"]["r=4"] == MISSING
 
 
+def test_zero_shot_alone_has_its_row(tmp_path):
+    """The zero-shot cells finish first: their row shows before any trained cell (k = 5's table)."""
+    out = tmp_path / "bench"
+    records = write_cells(out, [("base", "zero-shot", o, 0, 0) for o in BASE_ORGANS])
+    rows = table(section(write_report(out).read_text(), f"base track, {V2}: Dice (%) per organ, k=5"))
+    assert rows["zero-shot"]["mean"] == fmt(organ_means(records, "base", "zero-shot", 0, BASE_ORGANS))
+    assert set(rows["fft"].values()) == {MISSING}
+
+
 def test_a_v1_results_csv_reads_as_its_own_group(tmp_path):
     """v1's results.csv has no track, protocol or precision columns: it is reported apart, never as v2."""
     with open(tmp_path / RESULTS_FILE, "w", newline="") as f:

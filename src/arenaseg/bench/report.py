@@ -485,7 +485,7 @@ def track_section(
     """Every table and plot of one track within one (protocol, precision) group."""
     methods = method_order(rows, track)
     title = f"{track} track, {group[0]} {group[1]}"
-    shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT})
+    shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT}) or [RANK_K]  # zero-shot alone: k = 5
     shots = [k for k in shots if k == RANK_K] + [k for k in shots if k != RANK_K]  # k = 5 first
     used = [r for r in rows if r["organ"] in organs]
     listed = ", ".join(organs) or MISSING
