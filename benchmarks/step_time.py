@@ -1,17 +1,19 @@
 """Training-step time of ARENA vs PEFT LoRA (ranks 4, 16, 64) per precision, and P7: what the training path adds to a
 bare forward + backward, on the CPU-preset Swin-UNETR (feature size 12, binary head). Not a test.
 
-    .venv/bin/python benchmarks/step_time.py --threads 1 --precisions fp32 bf16   # CPU
-    .venv/bin/python benchmarks/step_time.py --device cuda --precisions fp32 bf16  # GPU mode: ARENA and LoRA only
-    .venv/bin/python benchmarks/step_time.py --quick                               # smoke run
+    .venv/bin/python benchmarks/step_time.py --threads 1 --precisions fp32 bf16        # CPU
+    .venv/bin/python benchmarks/step_time.py --threads 1 --batch 1 --lowered-ranks 16  # CPU, shorter
+    .venv/bin/python benchmarks/step_time.py --device cuda --precisions fp32 bf16       # GPU: ARENA and LoRA only
+    .venv/bin/python benchmarks/step_time.py --quick                                    # smoke run
 
 A training step is `arenaseg.train.loop.training_step` (the loop's own function: forward and loss under the
-precision's autocast, backward, optimizer step, after-step hook) plus the scheduler step, on one fixed batch of 2
-patches of 64^3. P7 (CPU) compares, on one ARENA model: the loop's timed span (the sampler drawing 2 patches from
-in-memory volumes of an abdomen CT's size at 3 mm, `training_step`, the scheduler step: what `train_adapter`
-reports as seconds per step) against a bare forward + loss + backward of the same model on one such batch, under
-the same autocast. The GPU mode times the ARENA and LoRA steps only and records which other processes used the
-GPU (there should be none). ``--fft`` and ``--inference`` add full fine-tuning and merged-ARENA inference cases.
+precision's autocast, backward, optimizer step, after-step hook) plus the scheduler step, on one fixed batch of
+``--batch`` (default 2, the loop's) patches of 64^3. P7 (CPU, at the first ``--precisions`` entry) compares, on one
+ARENA model: the loop's timed span (the sampler drawing the patches from in-memory volumes of an abdomen CT's size
+at 3 mm, `training_step`, the scheduler step: what `train_adapter` reports as seconds per step) against a bare
+forward + loss + backward of the same model on one such batch, under the same autocast. The GPU mode times the
+ARENA and LoRA steps only and records which other processes used the GPU (there should be none). ``--fft`` and
+``--inference`` add full fine-tuning and merged-ARENA inference cases.
 
 All models are built first and the cases are timed interleaved, round after round (the starting case rotates each
 round), so that drifts in machine load hit every case alike; the tables report medians.
@@ -55,7 +57,6 @@ from arenaseg.utils.provenance import device_name, git_commit
 
 RESULTS = Path(__file__).parent / "results" / "step_time.md"
 PATCH = 64
-BATCH = 2
 VOLUME = (116, 116, 218)  # btcv_0026 (128 x 128 x 131 voxels of 2.73 x 2.73 x 5 mm) resampled to 3 mm
 P7_METHOD = ("arena", 16)
 
@@ -232,18 +233,17 @@ def table(cases: list[Case], with_params: bool) -> str:
     return "\n".join(lines)
 
 
-def ratios(train: list[Case], p7: list[Case], ranks: list[int], precisions: list[str]) -> list[str]:
-    """The issue's ratios from the medians: bf16/fp32 per method, ARENA/LoRA per rank (P5), loop / bare (P7)."""
+def ratios(train: list[Case], p7: list[Case]) -> list[str]:
+    """The issue's ratios of medians: each lowered precision over fp32, ARENA over LoRA (P5), loop over bare (P7)."""
     median = {(c.name, c.precision): c.median for c in train}
     lines = ["| ratio | value | target |", "|---|---|---|"]
-    lowered = [p for p in precisions if p != "fp32"] if "fp32" in precisions else []
-    for precision, rank, method in itertools.product(lowered, ranks, ("arena", "lora")):
-        name = f"{method} r={rank}"
-        value = median[(name, precision)] / median[(name, "fp32")]
-        lines.append(f"| {name}: {precision} / fp32 | {value:.3f} | <= 0.7 (r=16) |")
-    for precision, rank in itertools.product(precisions, ranks):
-        value = median[(f"arena r={rank}", precision)] / median[(f"lora r={rank}", precision)]
-        lines.append(f"| P5 ARENA / LoRA, r={rank}, {precision} | {value:.3f} | <= 1.05 |")
+    for (name, precision), value in median.items():
+        if precision != "fp32" and (name, "fp32") in median:
+            lines.append(f"| {name}: {precision} / fp32 | {value / median[(name, 'fp32')]:.3f} | <= 0.7 (r=16) |")
+    for (name, precision), value in median.items():
+        lora = ("lora" + name.removeprefix("arena"), precision)
+        if name.startswith("arena") and lora in median:
+            lines.append(f"| P5 {name} / LoRA, {precision} | {value / median[lora]:.3f} | <= 1.05 |")
     for loop, bare in zip(p7[::2], p7[1::2], strict=True):
         lines.append(f"| P7 loop step / bare fwd+bwd, {loop.precision} | {loop.median / bare.median:.3f} | <= 1.10 |")
     return lines
@@ -270,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: rank 4 only, 1 repeat, no warm-up")
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64], help="(default: %(default)s)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS)
+    parser.add_argument(
+        "--lowered-ranks", type=int, nargs="+", default=None, help="ranks timed in bf16/fp16 (default: --ranks)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=TrainSettings.patches_per_step, help="patches per step (default: %(default)s)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -280,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.repeats, args.warmup = [4], 1, 0
-    if args.repeats < 1 or args.warmup < 0 or any(r < 1 for r in args.ranks):
-        parser.error("--repeats >= 1, --warmup >= 0 and ranks >= 1 needed")
+    lowered_ranks = args.ranks if args.lowered_ranks is None or args.quick else args.lowered_ranks
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or any(r < 1 for r in args.ranks + lowered_ranks):
+        parser.error("--repeats >= 1, --warmup >= 0, --batch >= 1 and ranks >= 1 needed")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -289,20 +296,20 @@ def main(argv: list[str] | None = None) -> None:
     memory = PeakMemory(device)
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(BATCH, 1, PATCH, PATCH, PATCH, generator=gen).to(device)
-    labels = (torch.rand(BATCH, 1, PATCH, PATCH, PATCH, generator=gen) > 0.8).float().to(device)
+    images = torch.randn(args.batch, 1, PATCH, PATCH, PATCH, generator=gen).to(device)
+    labels = (torch.rand(args.batch, 1, PATCH, PATCH, PATCH, generator=gen) > 0.8).float().to(device)
     train = [
         training_case(method, rank, precision, (images, labels), device)
         for precision in args.precisions
-        for rank in args.ranks
+        for rank in (args.ranks if precision == "fp32" else lowered_ranks)
         for method in ("arena", "lora")
     ]
     if args.fft and not gpu:
         train += [training_case("fft", 1, precision, (images, labels), device) for precision in args.precisions]
     p7: list[Case] = []
     if not gpu:
-        sampler = PatchSampler(synthetic_volumes(), PreprocessSettings(), BATCH, seed=0)
-        p7 = [case for precision in args.precisions for case in p7_cases(precision, sampler, device)]
+        sampler = PatchSampler(synthetic_volumes(), PreprocessSettings(), args.batch, seed=0)
+        p7 = p7_cases(args.precisions[0], sampler, device)
     for case in train:
         print(f"{case.name} {case.precision}: {case.params:,} trainable parameters", file=sys.stderr)
 
@@ -327,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         + ("CUDA allocator peak" if gpu else "peak RSS (VmHWM reset per step)")
         + "; 'step MiB' = peak minus usage before the step (see the script's docstring)",
         "",
-        f"## Training step (batch {BATCH} x {PATCH}^3: training_step + scheduler step)",
+        f"## Training step (batch {args.batch} x {PATCH}^3: training_step + scheduler step)",
         "",
         table(train, with_params=True),
         "",
@@ -336,12 +343,12 @@ def main(argv: list[str] | None = None) -> None:
         report += [
             f"## P7: the loop's timed span vs a bare forward + backward ({P7_METHOD[0]} r={P7_METHOD[1]})",
             "",
-            f"The loop step draws its {BATCH} patches from in-memory {'x'.join(map(str, VOLUME))} volumes.",
+            f"The loop step draws its {args.batch} patches from in-memory {'x'.join(map(str, VOLUME))} volumes.",
             "",
             table(p7, with_params=False),
             "",
         ]
-    report += ["## Ratios of medians", "", *ratios(train, p7, args.ranks, args.precisions), ""]
+    report += ["## Ratios of medians", "", *ratios(train, p7), ""]
     if infer:
         report += [f"## Inference (one {PATCH}^3 patch, no grad, fp32)", "", table(infer, with_params=False), ""]
     text = "\n".join(report)
