@@ -74,6 +74,18 @@ def test_resume_continues_to_the_same_weights(phantoms, tmp_path, monkeypatch):
     assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_resume_of_a_finished_run_is_refused_and_keeps_the_model(phantoms, tmp_path, capsys):
+    """A finished run has its weights and no state file: --resume would retrain it from step 0 and overwrite it."""
+    args = ["pretrain", "--data", str(phantoms), "--cases", "phantom_0001", "--organs", "liver", "--steps", "1",
+            "--warmup", "0", "--patches-per-step", "1", "--out", str(tmp_path / "m")]  # fmt: skip
+    assert main(args) == 0
+    finished = {p.name: p.read_bytes() for p in tmp_path.glob("m.*")}
+    assert "m.safetensors" in finished and "m.state.pt" not in finished
+    assert main([*args, "--resume"]) == 2
+    assert "m.safetensors is a finished run, there is nothing to resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("m.*")} == finished
+
+
 def test_bad_pretrain_input(phantoms, tmp_path, capsys):
     base = ["pretrain", "--data", str(phantoms), "--out", str(tmp_path / "m"), "--steps", "1"]
     assert main([*base, "--cases", "phantom_0001", "--organs", "liver,brain"]) == 2

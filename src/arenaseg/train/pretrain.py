@@ -7,8 +7,6 @@ writes files, always atomically.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,16 +17,16 @@ from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from arenaseg.adapters.config import Config, choice, integer, number
 from arenaseg.data.datasets import Dataset
 from arenaseg.data.preprocess import (
     PreprocessSettings,
-    case_item,
     class_balanced_patch_transform,
     file_digest,
-    load_all,
-    preprocessed_dataset,
+    load_cases,
 )
 from arenaseg.data.sampling import PatchSampler
+from arenaseg.models.checkpoints import load_torch_file
 from arenaseg.models.foundation import load_state_strict, save_foundation
 from arenaseg.models.registry import load_model
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
@@ -36,8 +34,9 @@ from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shut
 from arenaseg.train.loop import recorded_settings
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
-from arenaseg.utils.device import device_name
+from arenaseg.utils.errors import UserError
 from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, grad_scaler
+from arenaseg.utils.provenance import device_name, git_commit
 
 
 @dataclass
@@ -51,64 +50,31 @@ SAMPLINGS = ("class-balanced", "pos-neg")
 
 
 @dataclass(frozen=True)
-class PretrainSettings:
-    steps: int = 1500
-    patches_per_step: int = 2
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int = 50
-    checkpoint_every: int = 50
+class PretrainSettings(Config):
+    """Checked by the configs' one validator (``arenaseg.adapters.config``), as a UserError."""
+
+    error = UserError
+
+    steps: int = integer(1500, 1)
+    patches_per_step: int = integer(2, 1)
+    lr: float = number(5e-4, 0.0, above=True)
+    weight_decay: float = number(1e-5, 0.0)
+    warmup_steps: int = integer(50, 0)
+    checkpoint_every: int = integer(50, 1)
     seed: int = 0
-    feature_size: int = 12
+    feature_size: int = integer(12, 1)
     save_dtype: str = "float32"
-    sampling: str = "class-balanced"
+    sampling: str = choice("class-balanced", SAMPLINGS)
     init: str = ""  # a model to continue from (built-in name or our .safetensors); "" = random initialisation
-    precision: str = DEFAULT_PRECISION  # fp32 | bf16 | fp16 autocast (arenaseg.utils.precision)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
-        for name in ("steps", "patches_per_step", "checkpoint_every", "feature_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0, weight_decay and warmup_steps >= 0")
-
-
-def git_commit() -> str:
-    """Short commit of this code. $ARENASEG_COMMIT, when set, wins: a working tree copied to another machine (e.g.
-    a rented GPU) may carry no .git, or a stale one that names an older commit."""
-    if os.environ.get("ARENASEG_COMMIT"):
-        return os.environ["ARENASEG_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    precision: str = choice(DEFAULT_PRECISION, PRECISIONS)  # fp32 | bf16 | fp16 autocast (arenaseg.utils.precision)
 
 
 def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:
     """organ -> class index 1..n; every organ must exist in the label map and in at least one case."""
     names = [data.check_organ(o) for o in organs]
     if len(set(names)) != len(names):
-        raise ValueError(f"organ list has duplicates: {organs}")
+        raise UserError(f"organ list has duplicates: {organs}")
     return {name: i + 1 for i, name in enumerate(names)}
-
-
-def load_volumes(
-    data: Dataset, case_ids: Sequence[str], classes: dict[str, int], settings: PreprocessSettings, cache_dir
-) -> list[dict]:
-    mapping = {data.labels[o]: c for o, c in classes.items()} if data.layout == "nnunet" else None
-    items = [case_item(data.case(cid), classes) for cid in case_ids]
-    cached = preprocessed_dataset(items, settings, mapping, cache_dir)
-    return load_all(cached, progress=True)
 
 
 def pretrain(
@@ -159,10 +125,12 @@ def _pretrain(
     classes = label_classes(data, organs)
     absent = [o for o in classes if not any(data.has_organ(c, o) for c in train_cases)]
     if absent:
-        raise ValueError(f"organs {absent} are absent from every training case")
+        raise UserError(f"organs {absent} are absent from every training case")
     weights, state_path = out.with_suffix(".safetensors"), out.with_suffix(".state.pt")
     if weights.exists() and not resume:
         raise FileExistsError(f"{weights} exists: choose another --out or delete it")
+    if weights.exists() and not state_path.exists():  # --resume of a finished run: it would retrain from step 0
+        raise UserError(f"{weights} is a finished run, there is nothing to resume: choose another --out or delete it")
     if state_path.exists() and not resume:
         raise FileExistsError(f"{state_path} holds an unfinished run: add --resume to continue it")
     device = (
@@ -179,7 +147,7 @@ def _pretrain(
     model = build_swin_unetr(config)
     init_info = initialise_from(model, config, settings.init) if settings.init else {}
     model.to(device)
-    volumes = load_volumes(data, train_cases, classes, preprocess, cache_dir)
+    volumes = load_cases(data, train_cases, classes, preprocess, cache_dir, progress=True)
     balanced = settings.sampling == "class-balanced"
     crop = class_balanced_patch_transform(preprocess, len(classes) + 1) if balanced else None
     sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed, crop)
@@ -189,9 +157,11 @@ def _pretrain(
     scaler = grad_scaler(settings.precision, device)
     start = 0
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_torch_file(state_path, map_location=device)
+        if not isinstance(state, dict) or "settings" not in state:
+            raise UserError(f"{state_path} is not a resume state of arenaseg pretrain; remove it to start anew")
         if recorded_settings(state["settings"]) != asdict(settings):
-            raise ValueError(f"{state_path} was written with other settings {state['settings']}; cannot resume")
+            raise UserError(f"{state_path} was written with other settings {state['settings']}; cannot resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -261,7 +231,7 @@ def initialise_from(model: torch.nn.Module, config: ModelConfig, name_or_path: s
     the ones this run trains. Returns what the card records about it."""
     loaded = load_model(name_or_path)
     if loaded.config.to_dict() != config.to_dict():
-        raise ValueError(
+        raise UserError(
             f"--init {name_or_path}: its architecture/classes {loaded.config.to_dict()} differ from this run's "
             f"{config.to_dict()}"
         )
@@ -287,10 +257,9 @@ def evaluate_classes(
     precision: str = DEFAULT_PRECISION,
 ) -> dict:
     """Per-class Dice (%) and HD95 (mm) on the cases' original grids, plus the mean Dice over classes."""
-    import nibabel as nib
     import numpy as np
 
-    from arenaseg.evaluate.inference import predict_volume
+    from arenaseg.evaluate.inference import predict_volume, read_label
     from arenaseg.evaluate.metrics import case_metrics
 
     per_class: dict[str, list[float]] = {o: [] for o in classes}
@@ -298,9 +267,7 @@ def evaluate_classes(
     for cid in tqdm(case_ids, desc="evaluate", leave=False):
         case = data.case(cid)
         pred = predict_volume(model, case.image, preprocess, head="softmax", precision=precision)
-        ref_img = nib.load(str(case.label))
-        ref = np.asarray(ref_img.dataobj)
-        spacing = ref_img.header.get_zooms()[:3]
+        ref, spacing = read_label(case.label)
         per_case[cid] = {}
         for organ, c in classes.items():
             m = case_metrics(pred == c, ref == data.labels[organ], spacing)
