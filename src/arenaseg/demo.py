@@ -32,6 +32,7 @@ SETTINGS = TrainSettings(steps=40, patches_per_step=1, warmup_steps=4, seed=0)
 
 def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
     t0 = time.time()
+    settings = TrainSettings(**{**SETTINGS.__dict__, "steps": steps})  # a bad --steps fails before any file is written
     out = Path(out)
     data_dir = out / "phantoms"
     if not (data_dir / "dataset.json").is_file():
@@ -39,7 +40,6 @@ def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
     data = open_dataset(data_dir)
     print(f"phantom cohort: {data_dir} ({len(SUPPORT)} support, {len(TEST)} held-out cases)")
 
-    settings = TrainSettings(**{**SETTINGS.__dict__, "steps": steps})
     _, before_model, _, _ = build_adapted(MODEL, ORGAN, "arena", AdaptOptions(rank=16), settings.seed)
     before = evaluate_cases(before_model.model, data, ORGAN, TEST, PreprocessSettings())
     print(f"before adaptation (new {ORGAN} head on the foundation model): mean Dice {before['mean_dice']:.1f}%")

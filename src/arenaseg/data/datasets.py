@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arenaseg.utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class Case:
@@ -41,7 +43,7 @@ class Dataset:
         for c in self.cases:
             if c.case_id == case_id:
                 return c
-        raise ValueError(f"case {case_id!r} not in {self.root}; cases: {', '.join(self.case_ids[:10])} ...")
+        raise UserError(f"case {case_id!r} not in {self.root}; cases: {', '.join(self.case_ids[:10])} ...")
 
     @property
     def case_ids(self) -> list[str]:
@@ -54,7 +56,7 @@ class Dataset:
         alias = organ.lower().replace(" ", "_").replace("-", "_")
         if alias in self.labels and alias != "background":
             return alias
-        raise ValueError(f"organ {organ!r} is not in the label map of {self.root}; valid: {', '.join(self.organs)}")
+        raise UserError(f"organ {organ!r} is not in the label map of {self.root}; valid: {', '.join(self.organs)}")
 
     def has_organ(self, case_id: str, organ: str) -> bool:
         """Whether the case's label contains the organ (from dataset.json when listed, else read from the file)."""
@@ -82,18 +84,40 @@ def open_dataset(root: str | Path) -> Dataset:
         return read_nnunet(root)
     if any((p / "ct.nii.gz").is_file() for p in root.iterdir() if p.is_dir()):
         return read_totalsegmentator(root)
-    raise ValueError(
+    raise UserError(
         f"{root} is neither an nnU-Net v2 raw folder (dataset.json, imagesTr/, labelsTr/) "
         "nor a TotalSegmentator folder (SUBJECT/ct.nii.gz, SUBJECT/segmentations/*.nii.gz)"
     )
 
 
-def read_nnunet(root: Path) -> Dataset:
+def read_label_map(path: Path) -> tuple[dict, dict[str, int]]:
+    """dataset.json's content and its label map, checked: an object of names to distinct integer values."""
     try:
-        meta = json.loads((root / "dataset.json").read_text())
-        labels = {str(k): int(v) for k, v in meta["labels"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{root / 'dataset.json'} is not a valid nnU-Net dataset.json: {err}") from err
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict):
+        raise UserError(
+            f'{path}: "labels" must be an object of label names to integer values, e.g. {{"background": 0, '
+            f'"liver": 1}}; found {type(labels).__name__ if labels is not None else "none"}'
+        )
+    try:
+        labels = {str(k): int(v) for k, v in labels.items()}
+    except (TypeError, ValueError) as err:
+        raise UserError(f'{path}: every "labels" value must be an integer: {err}') from None
+    by_value: dict[int, list[str]] = {}
+    for name, value in labels.items():
+        by_value.setdefault(value, []).append(name)
+    shared = {v: names for v, names in by_value.items() if len(names) > 1}
+    if shared:
+        value, names = next(iter(shared.items()))
+        raise UserError(f"{path}: labels {', '.join(names)} share the value {value}; each label needs its own value")
+    return meta, labels
+
+
+def read_nnunet(root: Path) -> Dataset:
+    meta, labels = read_label_map(root / "dataset.json")
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
     for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
@@ -101,7 +125,7 @@ def read_nnunet(root: Path) -> Dataset:
         label = root / "labelsTr" / f"{case_id}{ending}"
         cases.append(Case(case_id, image, label if label.is_file() else None))
     if not cases:
-        raise ValueError(f"no images matching imagesTr/*_0000{ending} in {root}")
+        raise UserError(f"no images matching imagesTr/*_0000{ending} in {root}")
     names = {v: k for k, v in labels.items()}
     present = {
         c["case"]: {names[v] for v in c.get("labels_present", []) if v in names}

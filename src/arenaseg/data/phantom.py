@@ -5,6 +5,10 @@ deformed, rotated and jittered ellipsoids at organ-like Hounsfield units, slight
 noisy. Liver, spleen and kidneys play the "base" organs a foundation model knows; gallbladder and pancreas the
 small "novel" ones. Label names follow btcv30's dataset.json, so organ lists written for the real benchmark
 (``arenaseg.data.splits``) apply to the phantom unchanged.
+
+``modality="mri"`` paints the same anatomy (the same label maps for a seed) with T1-like scanner units instead:
+a background near 0, bright fat and marrow, dark fluid (gallbladder) and bone cortex, organs between 300 and 550,
+a smooth multiplicative bias field and magnitude (non-negative) noise, so a CT window turns it into noise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from arenaseg.utils.atomic import write_json
+from arenaseg.utils.errors import UserError
 
 PHANTOM_LABELS: dict[str, int] = {
     "background": 0,
@@ -34,6 +39,18 @@ PHANTOM_LABELS: dict[str, int] = {
 
 AIR_HU, FAT_HU, MUSCLE_HU, MARROW_HU, CORTEX_HU = -1000.0, -100.0, 50.0, 400.0, 700.0
 NOISE_HU = 15.0
+CT_TISSUE = {"air": AIR_HU, "fat": FAT_HU, "muscle": MUSCLE_HU, "marrow": MARROW_HU, "cortex": CORTEX_HU}
+MODALITIES = ("ct", "mri")
+# T1-weighted-like intensities in scanner units (the organs' CT values are in _ORGANS).
+MRI_TISSUE = {"air": 0.0, "fat": 850.0, "muscle": 300.0, "marrow": 650.0, "cortex": 60.0}
+MRI_ORGANS = {
+    "gallbladder": 120.0,
+    "pancreas": 550.0,
+    "right_kidney": 380.0,
+    "left_kidney": 380.0,
+    "spleen": 330.0,
+    "liver": 480.0,
+}
 BLUR_VOXELS = 0.6
 
 
@@ -85,8 +102,12 @@ def _deformed_ellipsoid(grid: tuple[np.ndarray, ...], spec: _OrganSpec, rng: np.
     return u**2 + v**2 + w**2 <= (1.0 + ripple) ** 2
 
 
-def _phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(int16 HU image, uint8 label map) of one case."""
+def _phantom_case(
+    shape: tuple[int, int, int], rng: np.random.Generator, modality: str = "ct"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 image, uint8 label map) of one case: HU for CT, scanner units for MRI (same anatomy and draws)."""
+    mri = modality == "mri"
+    tissue = MRI_TISSUE if mri else CT_TISSUE
     grid = _grid(shape)
     x, y, _ = grid
     body_a, body_b = 0.45 * rng.uniform(0.95, 1.0), 0.36 * rng.uniform(0.95, 1.05)
@@ -99,11 +120,11 @@ def _phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tupl
     cortex = np.broadcast_to(spine_r2 <= 1.0, shape)
     marrow = np.broadcast_to(spine_r2 <= 0.7**2, shape)
 
-    image = np.full(shape, AIR_HU)
-    image[body] = MUSCLE_HU
-    image[inner] = FAT_HU
-    image[cortex] = CORTEX_HU
-    image[marrow] = MARROW_HU
+    image = np.full(shape, tissue["air"])
+    image[body] = tissue["muscle"]
+    image[inner] = tissue["fat"]
+    image[cortex] = tissue["cortex"]
+    image[marrow] = tissue["marrow"]
 
     labels = np.zeros(shape, np.uint8)
     free = inner & ~cortex
@@ -112,22 +133,29 @@ def _phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tupl
         if not kept.any():  # the layout keeps organs apart; this guards the "every organ present" promise
             raise RuntimeError(f"{spec.name} vanished from a phantom of shape {shape}")
         labels[kept] = PHANTOM_LABELS[spec.name]
-        image[kept] = spec.hu + rng.uniform(-5, 5)
+        image[kept] = (MRI_ORGANS[spec.name] if mri else spec.hu) + rng.uniform(-5, 5)
         free &= ~kept
 
-    image = gaussian_filter(image, BLUR_VOXELS) + rng.normal(0.0, NOISE_HU, shape)
+    image = gaussian_filter(image, BLUR_VOXELS)
+    if mri:  # coil sensitivity: a smooth +-15 % gain across the volume, drawn after the anatomy
+        gradient = rng.normal(size=3)
+        image *= 1.0 + 0.15 * np.tanh(sum(g * (c - 0.5) * 2 for g, c in zip(gradient, grid, strict=True)))
+        return np.abs(image + rng.normal(0.0, NOISE_HU, shape)).round().astype(np.int16), labels
+    image += rng.normal(0.0, NOISE_HU, shape)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), labels
 
 
-def _validate(n_cases: int, seed: int, shape: Sequence[int], spacing: Sequence[float]) -> None:
+def _validate(n_cases: int, seed: int, shape: Sequence[int], spacing: Sequence[float], modality: str) -> None:
+    if modality not in MODALITIES:
+        raise UserError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0 (numpy seed sequence), got {seed}")
+        raise UserError(f"seed must be >= 0 (numpy seed sequence), got {seed}")
     if n_cases < 1:
-        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+        raise UserError(f"n_cases must be >= 1, got {n_cases}")
     if len(shape) != 3 or any(int(n) != n or n < 32 for n in shape):
-        raise ValueError(f"shape must be 3 integers >= 32 (voxels), got {tuple(shape)}")
+        raise UserError(f"shape must be 3 integers >= 32 (voxels), got {tuple(shape)}")
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
+        raise UserError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
 
 
 def make_phantom_dataset(
@@ -136,15 +164,16 @@ def make_phantom_dataset(
     seed: int = 0,
     shape: Sequence[int] = (96, 96, 64),
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    modality: str = "ct",
 ) -> Path:
     """Write ``n_cases`` phantoms as an nnU-Net v2 raw dataset folder at ``out_dir`` and return it.
 
     Case ``phantom_NNNN`` (1-based) depends only on ``(seed, NNNN)``: a smaller ``n_cases`` gives a prefix of
-    a larger one. Every organ of ``PHANTOM_LABELS`` is present in every case. The folder is built beside
-    ``out_dir`` and renamed into place, so it is complete or absent; an existing non-empty ``out_dir`` is
-    refused rather than mixed with stale cases.
+    a larger one, and ``modality`` "mri" gives the same label maps as "ct". Every organ of ``PHANTOM_LABELS``
+    is present in every case. The folder is built beside ``out_dir`` and renamed into place, so it is complete
+    or absent; an existing non-empty ``out_dir`` is refused rather than mixed with stale cases.
     """
-    _validate(n_cases, seed, shape, spacing)
+    _validate(n_cases, seed, shape, spacing, modality)
     shape = tuple(int(n) for n in shape)
     spacing = tuple(float(s) for s in spacing)
     out_dir = Path(out_dir)
@@ -159,7 +188,7 @@ def make_phantom_dataset(
         cases = []
         for i in range(1, n_cases + 1):
             case = f"phantom_{i:04d}"
-            image, labels = _phantom_case(shape, np.random.default_rng([seed, i]))
+            image, labels = _phantom_case(shape, np.random.default_rng([seed, i]), modality)
             for array, path in (
                 (image, tmp / "imagesTr" / f"{case}_0000.nii.gz"),
                 (labels, tmp / "labelsTr" / f"{case}.nii.gz"),
@@ -181,8 +210,8 @@ def make_phantom_dataset(
             tmp / "dataset.json",
             {
                 "name": "phantom",
-                "description": f"synthetic abdominal CT phantoms (arenaseg.data.phantom, seed {seed})",
-                "channel_names": {"0": "CT"},
+                "description": f"synthetic abdominal {modality.upper()} phantoms (arenaseg.data.phantom, seed {seed})",
+                "channel_names": {"0": modality.upper()},
                 "labels": PHANTOM_LABELS,
                 "numTraining": n_cases,
                 "file_ending": ".nii.gz",

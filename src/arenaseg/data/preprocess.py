@@ -1,7 +1,9 @@
 """Preprocessing with MONAI transforms: the deterministic part is cached on disk, the random crops are not.
 
 Pipeline (CPU preset of BENCHMARK.md): load -> channel first -> RAS orientation -> resample to 3 mm (image linear,
-label nearest) -> HU window [-125, 275] scaled to [0, 1] -> crop to the body -> pad to the patch size.
+label nearest) -> intensities -> crop to the body -> pad to the patch size. Intensities (``intensity``): "ct", the
+HU window [-125, 275] scaled to [0, 1] (the default); "percentile", each image's 0.5-99.5 % percentiles scaled to
+[0, 1] (MRI, PET, shifted CT); "zscore", each image's non-zero voxels to mean 0, std 1 (nnU-Net's non-CT scheme).
 The cache key hashes the files' bytes and these settings: an edited file or a changed setting never hits a
 stale entry.
 """
@@ -21,31 +23,62 @@ import torch
 from monai.data import PersistentDataset
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    NormalizeIntensityd,
     Orientationd,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
 
-from arenaseg.data.datasets import Case
+from arenaseg.data.datasets import Case, Dataset
+from arenaseg.utils.errors import UserError
+
+INTENSITY_MODES = ("ct", "percentile", "zscore")
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # Orientationd's meaning of "RAS", passed to silence its warning
+PERCENTILES = (0.5, 99.5)  # "percentile": these percentiles of each image become 0 and 1
+# The body on the percentile scale: an MRI's background noise and a CT's noisy air reach a few %, soft tissue
+# lies far above (CT fat ~0.5); `body_threshold` (0.02) suits the CT window, where air is exactly 0.
+PERCENTILE_BODY_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
 class PreprocessSettings:
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    window: tuple[float, float] = (-125.0, 275.0)
+    window: tuple[float, float] = (-125.0, 275.0)  # HU, used by intensity "ct" only
     patch_size: tuple[int, int, int] = (64, 64, 64)
     body_threshold: float = 0.02  # on the [0, 1] scale: air and everything below the window is 0
+    intensity: str = "ct"
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_MODES:
+            raise UserError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> PreprocessSettings:
+        """From ``to_dict``'s JSON form (lists for tuples); records written before ``intensity`` existed are CT."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def settings_key(values: Mapping) -> dict:
+    """The identity of preprocessing settings (``to_dict`` form) for cache keys and result matching: "ct" is left
+    out, so that cache entries and run records written before the intensity option existed keep matching."""
+    key = {k: v for k, v in values.items() if not (k == "intensity" and v == "ct")}
+    if "intensity" in key:
+        key["percentiles"], key["percentile_body_threshold"] = list(PERCENTILES), PERCENTILE_BODY_THRESHOLD
+    return key
 
 
 def default_cache_dir() -> Path:
@@ -56,8 +89,15 @@ def default_cache_dir() -> Path:
     return base / "arenaseg" / "preprocessed"
 
 
-class CaseError(ValueError):
+class CaseError(UserError):
     """A case whose files cannot be used; the message names the file and what is wrong."""
+
+
+# More voxels than any CT (512^3 is 1.3e8): a header that claims them is damaged, and reading it would exhaust memory.
+MAX_VOXELS = 2**30
+# Image and label affines may differ by this much (mm; rounding in the writers), no more: a label shifted or
+# flipped against its image no longer lies on the organ.
+AFFINE_TOLERANCE_MM = 1e-3
 
 
 def check_case_files(image: Path, labels: Sequence[Path] = ()) -> None:
@@ -74,15 +114,42 @@ def check_case_files(image: Path, labels: Sequence[Path] = ()) -> None:
                 f"{path}: label spacing {lab.header.get_zooms()[:3]} differs from image spacing "
                 f"{img.header.get_zooms()[:3]} ({image})"
             )
+        check_same_affine(path, lab.affine, image, img.affine)
+
+
+def check_same_affine(path: Path, affine: np.ndarray, reference: Path, reference_affine: np.ndarray) -> None:
+    """Two volumes of one grid must also lie at one place in the patient: same orientation and origin."""
+    if not np.allclose(affine, reference_affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        diff = float(np.abs(np.asarray(affine) - np.asarray(reference_affine)).max())
+        raise CaseError(
+            f"{path}: its affine (voxel-to-patient orientation and origin) differs from that of {reference} by up "
+            f"to {diff:.3g} mm: it would not lie on the same anatomy. Affine {np.round(affine, 3).tolist()} vs "
+            f"{np.round(reference_affine, 3).tolist()}"
+        )
 
 
 def _read_header(path: Path) -> nib.Nifti1Image:
     if not Path(path).is_file():
         raise CaseError(f"file not found: {path}")
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for damaged files
         raise CaseError(f"cannot read {path} as NIfTI: {err}") from err
+    shape = tuple(int(n) for n in img.shape)
+    if 0 in shape:
+        raise CaseError(f"{path}: the header gives a zero-size dimension {shape}: there are no voxels")
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise CaseError(
+            f"{path}: the header claims {' x '.join(map(str, shape))} = {voxels:.3g} voxels, more than {MAX_VOXELS:.3g}"
+            " (no CT is this large): the header is damaged"
+        )
+    if not str(path).endswith(".gz") and isinstance(img, nib.Nifti1Image):
+        needed = int(img.header["vox_offset"]) + voxels * img.get_data_dtype().itemsize
+        size = Path(path).stat().st_size
+        if size < needed:
+            raise CaseError(f"{path}: truncated: the header needs {needed} bytes, the file holds {size}")
+    return img
 
 
 class RejectNonFinited(MapTransform):
@@ -92,7 +159,8 @@ class RejectNonFinited(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             if not torch.isfinite(torch.as_tensor(d[key])).all():
-                raise CaseError(f"{d.get(key + '_path', key)}: volume contains NaN or infinite voxels")
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise CaseError(f"{source}: volume contains NaN or infinite voxels")
         return d
 
 
@@ -164,7 +232,6 @@ def deterministic_transforms(
     with_label = label_mapping is not None or structures
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    lo, hi = settings.window
     steps: list = [
         LoadImaged(keys=["image"]),
         EnsureChannelFirstd(keys=["image"]),
@@ -179,15 +246,38 @@ def deterministic_transforms(
             MapLabelsd("label", label_mapping),
         ]
     steps += [
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS),
         Spacingd(keys=keys, pixdim=settings.spacing, mode=modes),
-        ScaleIntensityRanged(keys=["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(
-            keys=keys, source_key="image", select_fn=lambda x: x > settings.body_threshold, allow_smaller=True
-        ),
+        *intensity_and_body_crop(settings, keys),
         SpatialPadd(keys=keys, spatial_size=settings.patch_size),
     ]
     return steps
+
+
+def intensity_and_body_crop(settings: PreprocessSettings, keys: Sequence[str]) -> list:
+    """Intensity scaling and the crop to the body's bounding box (voxels above a threshold on a [0, 1] scale).
+    "ct" and "percentile" crop on the scaled image itself: air (CT) and the near-zero background of an MRI fall
+    below the threshold. "zscore" leaves no such scale (the body is centred on 0), so the crop looks at a
+    percentile-scaled copy of the image, and the z-score comes after it."""
+    threshold = settings.body_threshold if settings.intensity == "ct" else PERCENTILE_BODY_THRESHOLD
+
+    def body(x):
+        return x > threshold
+
+    crop = CropForegroundd(keys=keys, source_key="image", select_fn=body, allow_smaller=True)
+    percentiles = dict(lower=PERCENTILES[0], upper=PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True)
+    if settings.intensity == "ct":
+        lo, hi = settings.window
+        return [ScaleIntensityRanged(keys=["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True), crop]
+    if settings.intensity == "percentile":
+        return [ScaleIntensityRangePercentilesd(keys=["image"], **percentiles), crop]
+    return [
+        CopyItemsd(keys=["image"], names=["body"]),
+        ScaleIntensityRangePercentilesd(keys=["body"], **percentiles),
+        CropForegroundd(keys=keys, source_key="body", select_fn=body, allow_smaller=True),
+        DeleteItemsd(keys=["body"]),
+        NormalizeIntensityd(keys=["image"], nonzero=True),
+    ]
 
 
 def random_patch_transform(settings: PreprocessSettings, num_samples: int) -> RandCropByPosNegLabeld:
@@ -247,7 +337,9 @@ def preprocessed_dataset(
             EnsureTyped(keys=["image", "label"], track_meta=False, allow_missing_keys=True),
         ]
     )
-    tag = json.dumps({"settings": settings.to_dict(), "labels": sorted((label_mapping or {}).items()), "v": 1})
+    tag = json.dumps(
+        {"settings": settings_key(settings.to_dict()), "labels": sorted((label_mapping or {}).items()), "v": 1}
+    )
 
     def hash_item(item: dict) -> bytes:
         files = [item["image"], item.get("label")] + [p for _, p in item.get("structures", [])]
@@ -260,7 +352,7 @@ def preprocessed_dataset(
 
 
 def load_all(dataset: PersistentDataset, progress: bool = False) -> list[dict]:
-    """Materialise every volume; a `CaseError` raised inside MONAI's transform wrapper surfaces as itself."""
+    """Materialise every volume; a problem of a case's files surfaces as a `CaseError` naming the file."""
     from tqdm import tqdm
 
     volumes = []
@@ -268,10 +360,53 @@ def load_all(dataset: PersistentDataset, progress: bool = False) -> list[dict]:
         try:
             volumes.append(dataset[i])
         except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, CaseError):
-                cause = cause.__cause__
-            if cause is None:
+            item = dataset.data[i]
+            paths = [item["image"], *([item["label"]] if "label" in item else [])]
+            paths += [p for _, p in item.get("structures", [])]
+            explained = explain_transform_error(err, paths)
+            if explained is None:
                 raise
-            raise cause from None
+            raise explained from None
     return volumes
+
+
+def load_cases(
+    data: Dataset,
+    case_ids: Sequence[str],
+    organ_values: Mapping[str, int],
+    settings: PreprocessSettings,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """The preprocessed volumes of ``case_ids``, each label holding ``organ_values`` (organ name -> output value,
+    every other voxel 0): one path from a dataset's cases to training volumes, through the on-disk cache."""
+    mapping = {data.labels[o]: v for o, v in organ_values.items()} if data.layout == "nnunet" else None
+    items = [case_item(data.case(cid), organ_values) for cid in case_ids]
+    return load_all(preprocessed_dataset(items, settings, mapping, cache_dir), progress=progress)
+
+
+def explain_transform_error(err: Exception, paths: Sequence[str | Path]) -> CaseError | None:
+    """What the user needs from an error inside MONAI's "applying transform <... object at 0x...>" wrapper: our own
+    `CaseError` as it is; else, when one of the case's files cannot be read, that file and why; else, for the
+    errors MONAI raises on data it cannot use (ValueError, MemoryError), the files and the transform's message.
+    None for anything else: a bug keeps its traceback."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, CaseError):
+            return cause
+        cause = cause.__cause__
+    if not isinstance(err, RuntimeError) or not str(err).startswith("applying transform"):
+        return None
+    for path in paths:
+        try:
+            np.asarray(nib.load(str(path)).dataobj)
+        except Exception as read_err:  # nibabel, gzip and zlib raise many types for damaged files
+            return CaseError(f"{path}: cannot read its voxels (truncated or damaged?): {read_err}")
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, (ValueError, MemoryError)):
+        step = str(err).split("<")[-1].split(" object")[0].rsplit(".", 1)[-1]
+        names = " / ".join(map(str, paths))
+        return CaseError(f"{names}: preprocessing ({step}) failed: {type(root).__name__}: {root}")
+    return None

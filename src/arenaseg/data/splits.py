@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from arenaseg.utils.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -71,9 +73,9 @@ def organ_presence(dataset: str | os.PathLike | Mapping, organ: str) -> dict[str
     labels = dataset.get("labels", {})
     if organ not in labels or organ == "background":
         valid = sorted(name for name in labels if name != "background")
-        raise ValueError(f"unknown organ {organ!r}; this dataset labels {valid}")
+        raise UserError(f"unknown organ {organ!r}; this dataset labels {valid}")
     if "cases" not in dataset:
-        raise ValueError("dataset.json has no 'cases' list with per-case 'labels_present'")
+        raise UserError("dataset.json has no 'cases' list with per-case 'labels_present'")
     return {c["case"]: labels[organ] in c["labels_present"] for c in dataset["cases"]}
 
 
@@ -94,21 +96,21 @@ def draw_support(
     names the organ in messages.
     """
     if k <= 0:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0 (random.Random treats -s like s), got {seed}")
+        raise UserError(f"seed must be >= 0 (random.Random treats -s like s), got {seed}")
     if len(set(pool)) != len(pool):
-        raise ValueError(f"pool repeats case ids: {sorted(pool)}")
+        raise UserError(f"pool repeats case ids: {sorted(pool)}")
     if isinstance(has_organ, Mapping):
         missing = sorted(set(pool) - set(has_organ))
         if missing:
-            raise ValueError(f"no organ-presence entry for pool cases {missing}")
+            raise UserError(f"no organ-presence entry for pool cases {missing}")
         is_present = has_organ.__getitem__
     else:
         is_present = has_organ
     eligible = sorted(case for case in pool if is_present(case))
     if not eligible:
-        raise ValueError(f"no case of the support pool {sorted(pool)} contains {organ}")
+        raise UserError(f"no case of the support pool {sorted(pool)} contains {organ}")
     if k >= len(eligible):
         note = (
             f"k={k} >= the {len(eligible)} pool cases containing {organ}: the whole eligible pool is used "
@@ -128,10 +130,10 @@ def read_fseft_list(path: str | os.PathLike) -> list[tuple[str, str]]:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if len(fields) != 2:
-                raise ValueError(f"{path}:{number}: expected 'IMAGE   LABEL', got {line.rstrip()!r}")
+                raise UserError(f"{path}:{number}: expected 'IMAGE   LABEL', got {line.rstrip()!r}")
             pairs.append((fields[0], fields[1]))
     if not pairs:
-        raise ValueError(f"{path} lists no subjects")
+        raise UserError(f"{path} lists no subjects")
     return pairs
 
 
@@ -143,8 +145,8 @@ def fseft_support(lines: Sequence[T], k: int, seed: int) -> list[T]:
     gives the same sample as the seeded global generator without touching the global state.
     """
     if k <= 0:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     n = min(k + 1, 30)
     if n > len(lines):
-        raise ValueError(f"k={k} needs {n} lines (k support + 1 validation), the list has {len(lines)}")
+        raise UserError(f"k={k} needs {n} lines (k support + 1 validation), the list has {len(lines)}")
     return random.Random(seed).sample(list(lines), n)[:-1]

@@ -10,12 +10,23 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 from torch import nn
 
-from arenaseg.data.preprocess import PreprocessSettings, check_case_files, deterministic_transforms
+from arenaseg.data.preprocess import (
+    CaseError,
+    PreprocessSettings,
+    check_case_files,
+    deterministic_transforms,
+    explain_transform_error,
+)
 from arenaseg.utils.atomic import atomic_path
 from arenaseg.utils.precision import DEFAULT_PRECISION, autocast
+
+# `arenaseg predict`'s default for keeping only the largest connected component of a binary mask. It is chosen
+# on pretrain-split evidence only (benchmarks/probe.py: `evaluate_cases` scores each prediction with and without),
+# never on test cases; off until that evidence is in.
+KEEP_LARGEST_COMPONENT = False
 
 
 @torch.no_grad()
@@ -32,8 +43,19 @@ def predict_volume(
     ``precision``: the forward's autocast (`arenaseg.utils.precision`); windows are blended in float32."""
     check_case_files(Path(image_path))
     pre = Compose(deterministic_transforms(settings, None))
-    data = pre({"image": str(image_path)})
+    try:
+        data = pre({"image": str(image_path)})
+    except Exception as err:
+        explained = explain_transform_error(err, [image_path])
+        if explained is None:
+            raise
+        raise explained from None
     image = data["image"]
+    if float(image.max()) == float(image.min()):
+        raise CaseError(
+            f"{image_path}: nothing to segment: after the intensity scaling every voxel has one value (an image of "
+            f"air only, or a constant one)"
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -61,6 +83,17 @@ def predict_volume(
     return out
 
 
+def read_label(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A reference label volume on its own grid and its voxel spacing (mm): what every score is computed on."""
+    check_case_files(Path(path))
+    img = nib.load(str(path))
+    try:
+        voxels = np.asarray(img.dataobj)
+    except Exception as err:  # nibabel, gzip and zlib raise many types for damaged files
+        raise CaseError(f"{path}: cannot read its voxels (truncated or damaged?): {err}") from None
+    return voxels, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
 def write_like(reference_image: str | Path, labels: np.ndarray, output: str | Path) -> Path:
     """Write ``labels`` with the reference image's affine and header geometry (atomic)."""
     ref = nib.load(str(reference_image))
@@ -73,3 +106,11 @@ def write_like(reference_image: str | Path, labels: np.ndarray, output: str | Pa
         nib.save(img, str(tmp_gz))
         tmp_gz.replace(tmp)
     return output
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask (MONAI's KeepLargestConnectedComponent): an organ is
+    one piece, so stray blobs far from it, which dominate HD95, are dropped. ``mask`` is left as it is (the
+    transform works in place, so it gets a copy)."""
+    kept = KeepLargestConnectedComponent(connectivity=mask.ndim)(torch.from_numpy(np.array(mask, bool))[None])
+    return np.asarray(kept[0]).astype(mask.dtype)

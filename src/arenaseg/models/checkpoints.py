@@ -22,6 +22,7 @@ from torch import nn
 
 from arenaseg.models.foundation import load_state_strict
 from arenaseg.models.swin_unetr import HEAD_NAME, ModelConfig, build_swin_unetr
+from arenaseg.utils.errors import UserError
 
 HeadKind = Literal["softmax", "sigmoid"]
 
@@ -131,7 +132,7 @@ def detect_layout(checkpoint: Mapping[str, object]) -> str:
     if has_encoder and has_decoder and f"{HEAD_NAME}.weight" in keys:
         public = wrapper is not None or any(k.startswith("module.") or "swin_vit" in k for k in state)
         return "monai-btcv" if public else "arenaseg"
-    raise ValueError(
+    raise UserError(
         f"unrecognised checkpoint layout (first keys: {list(state)[:5]}); known layouts: {', '.join(LAYOUTS)}"
     )
 
@@ -158,7 +159,7 @@ def map_to_swin_unetr(state: Mapping[str, torch.Tensor], layout: str) -> tuple[d
         elif layout == "fseft" and name.startswith("classifier."):
             name = HEAD_NAME + name.removeprefix("classifier")
         if name in mapped:
-            raise ValueError(f"two keys map to {name!r} (one of them {key!r}): the checkpoint is not a {layout} file")
+            raise UserError(f"two keys map to {name!r} (one of them {key!r}): the checkpoint is not a {layout} file")
         mapped[name] = value
     return mapped, ignored
 
@@ -179,13 +180,13 @@ def load_public_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    obj = _torch_load(path)
+    obj = load_torch_file(path)
     try:
         found = _check_layout(layout) if layout is not None else detect_layout(obj)
         mapped, ignored = map_to_swin_unetr(unwrap(obj), found)
         config = _infer_config(mapped, found, feature_size, out_channels)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     model = build_swin_unetr(config)
     own = model.state_dict()
     missing = [k for k in own if k not in mapped and _may_be_absent(k, found)]
@@ -213,32 +214,38 @@ def _rows_from_class_names(config: ModelConfig) -> dict[str, int]:
         return {name: row for row, name in enumerate(names) if n == 1 or row != BACKGROUND_ROW}
     if len(names) == n - 1:
         return {name: row for row, name in enumerate(names, start=1)}
-    raise ValueError(
+    raise UserError(
         f"class_names has {len(names)} names for a {n}-channel head: expected {n} (background first) or {n - 1}"
     )
 
 
-def _torch_load(path: Path) -> object:
-    """Tensors and plain containers only: ``weights_only=True`` refuses any pickle that could run code."""
+def load_torch_file(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """Tensors and plain containers only: ``weights_only=True`` refuses any pickle that could run code. A damaged
+    file and a refused one each get a UserError that says which it is."""
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a PyTorch checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
-        raise ValueError(
+        # torch's message runs over many lines; its "Unsupported ..." line says what failed, in its first sentence
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "").split(". ")[0]
+        if "Unsupported global" not in detail:  # random bytes fail on an "Unsupported operand" instead
+            raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
+        raise UserError(
             f"{path}: refused: the file holds Python objects besides tensors and plain containers, and "
-            f"unpickling them could run code. {detail}"
+            f"unpickling them could run code ({detail})"
         ) from None
     except Exception as e:  # the zip reader and the unpickler fail on damaged files with many exception types
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {first}"
+        ) from None
 
 
 def _split_wrapper(obj: object) -> tuple[str | None, dict[str, torch.Tensor]]:
     if not isinstance(obj, Mapping):
-        raise ValueError(
+        raise UserError(
             f"not a state dict: the file holds a {type(obj).__name__}; expected a mapping of parameter names "
             f"to tensors, at top level or under one of {WRAPPERS}"
         )
@@ -250,10 +257,10 @@ def _split_wrapper(obj: object) -> tuple[str | None, dict[str, torch.Tensor]]:
 
 def _as_state(obj: Mapping, where: str) -> dict[str, torch.Tensor]:
     if not obj:
-        raise ValueError(f"not a state dict: empty mapping {where}")
+        raise UserError(f"not a state dict: empty mapping {where}")
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise UserError(
                 f"not a state dict: entry {key!r} {where} is a {type(value).__name__}, not a tensor "
                 f"(keys: {list(obj)[:5]}); expected names to tensors, at top level or under one of {WRAPPERS}"
             )
@@ -262,7 +269,7 @@ def _as_state(obj: Mapping, where: str) -> dict[str, torch.Tensor]:
 
 def _check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return layout
 
 
@@ -272,20 +279,20 @@ def _infer_config(
     """The architecture the tensors describe; explicit arguments win so that a misfit fails at the load."""
     embed = state.get(ENCODER + "patch_embed.proj.weight")
     if embed is None:
-        raise ValueError(f"no {ENCODER}patch_embed.proj.weight after mapping the {layout} layout")
+        raise UserError(f"no {ENCODER}patch_embed.proj.weight after mapping the {layout} layout")
     depths, heads = [], []
     for stage in range(1, 5):
         prefix = f"{ENCODER}layers{stage}.0.blocks."
         blocks = {k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}
         table = state.get(prefix + "0.attn.relative_position_bias_table")
         if table is None:
-            raise ValueError(f"no Swin blocks (relative position table) under {prefix!r}")
+            raise UserError(f"no Swin blocks (relative position table) under {prefix!r}")
         depths.append(len(blocks))
         heads.append(table.shape[1])
     rows = state[f"{ENCODER}layers1.0.blocks.0.attn.relative_position_bias_table"].shape[0]
     window = (round(rows ** (1 / 3)) + 1) // 2
     if (2 * window - 1) ** 3 != rows:
-        raise ValueError(f"relative position table with {rows} rows is not (2w-1)^3 for a 3D window w")
+        raise UserError(f"relative position table with {rows} rows is not (2w-1)^3 for a 3D window w")
     head = state.get(f"{HEAD_NAME}.weight")
     if out_channels is None:
         out_channels = head.shape[0] if head is not None else 1

@@ -16,6 +16,7 @@ from torch import nn
 
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.utils.atomic import atomic_path, write_json, write_text
+from arenaseg.utils.errors import UserError
 
 CONFIG_KEY = "arenaseg_model_config"
 
@@ -50,11 +51,17 @@ def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise UserError(f"{path}: not a readable safetensors file (truncated or damaged?): {err}") from None
     if CONFIG_KEY not in meta:
-        raise ValueError(f"{path}: not an arenaseg foundation file (no {CONFIG_KEY!r} in its safetensors metadata)")
-    return ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        raise UserError(f"{path}: not an arenaseg foundation file (no {CONFIG_KEY!r} in its safetensors metadata)")
+    try:
+        return ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: its model configuration ({CONFIG_KEY}) is invalid: {err}") from None
 
 
 def load_foundation(path: str | Path) -> tuple[nn.Module, ModelConfig]:
@@ -65,8 +72,14 @@ def load_foundation(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"foundation model file not found: {path}")
     config = read_config(path)
-    model = build_swin_unetr(config)
-    state = load_file(str(path))
+    try:
+        model = build_swin_unetr(config)
+    except (TypeError, ValueError) as err:  # MONAI checks the architecture's numbers with ValueError
+        raise UserError(f"{path}: its model configuration does not build a Swin-UNETR: {err}") from None
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError for damaged files
+        raise UserError(f"{path}: cannot read its tensors (truncated or damaged?): {err}") from None
     load_state_strict(model, state, source=str(path))
     return model, config
 
@@ -89,7 +102,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
             parts.append(f"{len(missing)} missing keys, first {missing[0]!r}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]!r}")
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(parts))
+        raise UserError(f"{source} does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

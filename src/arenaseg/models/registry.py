@@ -14,6 +14,7 @@ from arenaseg.models.checkpoints import (
     load_public_checkpoint,
 )
 from arenaseg.models.foundation import load_foundation
+from arenaseg.utils.errors import UserError
 
 BUILTIN_DIR = Path(__file__).with_name("builtin")
 # Each is NAME.safetensors + NAME.json (card) in BUILTIN_DIR, produced by the project's pretraining runs.
@@ -44,7 +45,7 @@ def load_model(name_or_path: str) -> LoadedCheckpoint:
             )
         return _load_own(path)
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_NAMES)}) nor an existing "
             f"file; a path to our .safetensors file or a public {'/'.join(PUBLIC_SUFFIXES)} checkpoint "
             f"is also accepted"
@@ -53,7 +54,7 @@ def load_model(name_or_path: str) -> LoadedCheckpoint:
         return _load_own(path)
     if path.suffix in PUBLIC_SUFFIXES:
         return load_public_checkpoint(path)
-    raise ValueError(
+    raise UserError(
         f"{path}: unsupported file type {path.suffix!r}; expected .safetensors (arenaseg) or "
         f"{'/'.join(PUBLIC_SUFFIXES)} (public Swin-UNETR checkpoints)"
     )

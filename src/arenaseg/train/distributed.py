@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from arenaseg.utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,7 +28,7 @@ def init_distributed() -> DistInfo:
         return DistInfo()
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise UserError(
             f"WORLD_SIZE={world} but {', '.join(missing)} not set: start distributed runs with "
             "`torchrun --nproc-per-node N arenaseg pretrain ...` (it sets the rendezvous variables)"
         )
