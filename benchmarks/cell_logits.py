@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,10 @@ from scipy.stats import rankdata
 
 from arenaseg.bench.grid import finished_cells
 from arenaseg.data.datasets import open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, case_item, load_all, preprocessed_dataset
+from arenaseg.data.preprocess import PreprocessSettings, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.pipeline import load_run
+from arenaseg.utils.provenance import git_commit
 
 
 def auc(is_fg: np.ndarray, scores: np.ndarray) -> float:
@@ -36,8 +36,7 @@ def auc(is_fg: np.ndarray, scores: np.ndarray) -> float:
 def cell_logits(run_dir: Path, data) -> dict:
     adapted, record = load_run(run_dir)
     organ, settings = record["organ"], PreprocessSettings(**_tuples(record["settings"]["preprocess"]))
-    items = [case_item(data.case(c), {organ: 1}) for c in record["support_cases"]]
-    volumes = load_all(preprocessed_dataset(items, settings, {data.labels[organ]: 1}))
+    volumes = load_cases(data, record["support_cases"], {organ: 1}, settings)
     sampler = PatchSampler(volumes, settings, 2, seed=0)
     adapted.model.eval()
     logits, labels = [], []
@@ -75,7 +74,7 @@ def main() -> None:
         name = "/".join(folder.parts[-4:])
         rows.append((name, cell_logits(folder, data)))
         print(name, rows[-1][1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Logits of finished bench cells on their own support patches (6 patches of 64^3 each)",
         "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +35,8 @@ from arenaseg.models.registry import model_file
 from arenaseg.pipeline import build_adapted, evaluate_cases
 from arenaseg.train.loop import TrainSettings, train_adapter
 from arenaseg.utils.atomic import write_json
-from arenaseg.utils.provenance import git_commit
+from arenaseg.utils.device import resolve_device
+from arenaseg.utils.provenance import device_name, git_commit
 
 
 def patch_dice(model: torch.nn.Module, sampler: PatchSampler) -> float:
@@ -47,11 +47,16 @@ def patch_dice(model: torch.nn.Module, sampler: PatchSampler) -> float:
     with torch.no_grad():
         for step in range(10_000, 10_003):
             images, labels = sampler.batch(step)
-            pred, fg = model(images) > 0, labels > 0
+            device = next(model.parameters()).device
+            pred, fg = model(images.to(device)).cpu() > 0, labels > 0
             inter += (pred & fg).sum().item()
             total += pred.sum().item() + fg.sum().item()
     model.train(was_training)
     return 200 * inter / max(total, 1.0)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
 
 
 def main() -> None:
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--decoder", default=None, help="decoder policy of low-rank methods (default: frozen)")
     parser.add_argument("--decoder-lr-scale", type=float, default=None, help="decoder lr / lr (default: 1)")
     parser.add_argument("--track", default="auto", help="auto, base or novel head start (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results/probe", help="output folder (default: %(default)s)")
     parser.add_argument("--tag", default="", help="suffix of the output file name (default: none)")
@@ -95,19 +101,24 @@ def main() -> None:
     given["decoder_lr_scale"] = args.decoder_lr_scale
     options = AdaptOptions(total_steps=settings.steps, **{k: v for k, v in given.items() if v is not None})
     _, adapted, options, row = build_adapted(args.model, organ, method, options, 0, args.track)
+    adapted.model.to(resolve_device(args.device))
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
 
     name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "")
     name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
     out = Path(args.out) / f"{name}.json"
+    checkpoint = out.with_suffix(".checkpoint.pt")  # beside the JSON, ignored by git: a killed probe resumes
+    earlier = json.loads(out.read_text()) if out.is_file() else None
+    if earlier and "finished" in earlier:
+        raise SystemExit(f"{out} is finished already: nothing to do")
     record = {
         "command": "python benchmarks/probe.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "git_commit": git_commit(),
         "model": args.model,
         "model_sha256": file_digest(model_file(args.model))[:12],
-        "device": f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
+        "device": device_name(resolve_device(args.device)),
         "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "organ": organ,
         "track": "base" if row else "novel",
@@ -137,33 +148,35 @@ def main() -> None:
         print(f"step {step}: held-in patch Dice {record['patch_dice'][-1][1]:.1f}", flush=True)
         write_json(out, record)
 
-    training_loss = adapted.training_loss
-
-    def recorded_loss(images, labels, loss_fn):
-        loss = training_loss(images, labels, loss_fn)
-        record["loss"].append(round(loss.item(), 5))
-        return loss
-
-    adapted.training_loss = recorded_loss
     out.parent.mkdir(parents=True, exist_ok=True)
-    if row:
-        volume_dice(0)
-    probe_point(0)
+    if earlier and checkpoint.is_file():
+        if (earlier["options"], earlier["train"]) != (_plain(record["options"]), _plain(record["train"])):
+            raise SystemExit(f"{out} was started with other settings: delete it and {checkpoint.name} to start anew")
+        step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+        record = {**earlier, "loss": earlier["loss"][:step]}
+        for key in ("patch_dice", "active_rank"):
+            record[key] = [entry for entry in earlier[key] if entry[0] <= step]
+        print(f"resuming {out.name} at step {step}", flush=True)
+    else:
+        if row:
+            volume_dice(0)
+        probe_point(0)
 
-    def status() -> dict:
-        steps = len(record["loss"])
+    def on_step(steps: int, loss: float) -> None:
+        record["loss"].append(round(loss, 5))
         if steps % args.every == 0:
             probe_point(steps)
-        return {}
+        elif steps % settings.checkpoint_every == 0:
+            write_json(out, record)  # the losses up to the checkpoint that the loop writes next
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_adapter(adapted, sampler, settings, Path(tmp) / "checkpoint.pt", status=status)
-    record["train_seconds"] = round(time.time() - t0, 1)
+    result = train_adapter(adapted, sampler, settings, checkpoint, on_step=on_step)
+    record["train_seconds"] = round(time.time() - t0, 1)  # this session's
     record["seconds_per_step"] = result.seconds_per_step
     volume_dice(result.steps_done)
     record["finished"] = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
     write_json(out, record)
+    checkpoint.unlink()
     print(json.dumps({k: record[k] for k in ("patch_dice", "volume_dice")}))
 
 

@@ -73,7 +73,7 @@ def adapt_and_train(method: str, **options: object) -> object:
         # A real allocation (step 1 of 10 masks to PEFT's budget) that the round trip must preserve.
         labels = (torch.rand(SHAPE, generator=torch.Generator().manual_seed(3)) > 0.7).float()
         adapted.training_loss(images(), labels, F.binary_cross_entropy_with_logits).backward()
-        adapted.after_optimizer_step(1)
+        adapted.after_step(1)
         assert adapted.rank_report()["totals"]["active_rank"] < RANK * len(adapted.targets)
     return adapted
 

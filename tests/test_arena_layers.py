@@ -12,8 +12,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from arenaseg.adapters.arena import (
-    DEFAULT_TARGETS,
-    ArenaConfig,
     ArenaConv3d,
     ArenaLayer,
     ArenaLinear,
@@ -24,6 +22,7 @@ from arenaseg.adapters.arena import (
     merge_arena,
     prune_arena,
 )
+from arenaseg.adapters.config import DEFAULT_TARGETS, ArenaConfig
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.optim.proximal import ProximalOptimizer
 
@@ -67,16 +66,16 @@ def test_init_computes_exactly_the_base_function() -> None:
     linear = nn.Linear(8, 6)
     x = torch.randn(2, 7, 8)
     expected = linear(x)
-    assert torch.equal(ArenaLinear(linear, rank=4, alpha=1.0)(x), expected)
+    assert torch.equal(ArenaLinear(linear, rank=4, scaling=1.0)(x), expected)
     conv = conv_base()
     x = torch.randn(2, 3, 9, 8, 7)
     expected = conv(x)
-    assert torch.equal(ArenaConv3d(conv, rank=4, alpha=1.0)(x), expected)
+    assert torch.equal(ArenaConv3d(conv, rank=4, scaling=1.0)(x), expected)
 
 
 def test_factors_are_orthonormal_at_init_and_base_is_frozen() -> None:
     torch.manual_seed(0)
-    layer = ArenaConv3d(conv_base(), rank=4, alpha=1.0)
+    layer = ArenaConv3d(conv_base(), rank=4, scaling=1.0)
     a = layer.arena_A.reshape(4, -1)
     b = layer.arena_B.reshape(5, 4)
     torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
@@ -101,9 +100,9 @@ def test_factor_shapes_match_peft_lora() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ArenaLinear(nn.Linear(8, 6), rank=4, alpha=0.7),
-        lambda: ArenaConv3d(conv_base(), rank=4, alpha=0.7),
-        lambda: ArenaConv3d(nn.Conv3d(3, 5, 3, dilation=2, padding=2, padding_mode="replicate"), rank=4, alpha=0.7),
+        lambda: ArenaLinear(nn.Linear(8, 6), rank=4, scaling=0.7),
+        lambda: ArenaConv3d(conv_base(), rank=4, scaling=0.7),
+        lambda: ArenaConv3d(nn.Conv3d(3, 5, 3, dilation=2, padding=2, padding_mode="replicate"), rank=4, scaling=0.7),
     ],
     ids=["linear", "conv-k3-s2-p1", "conv-dilated-replicate"],
 )
@@ -126,12 +125,12 @@ def test_forward_equals_the_dense_weight_and_merge_reproduces_it(make) -> None:
     assert rel_err(merged(x), out) <= 1e-5
 
 
-def test_scaling_is_alpha_not_alpha_over_rank(monkeypatch) -> None:
+def test_scaling_is_not_divided_by_the_rank(monkeypatch) -> None:
     """Over-ranking changes nothing: a rank-8 layer holding a rank-2 layer's components (other gates 0) computes the
     same function and gives the shared gates the same gradients, so lam means the same at any initial rank."""
     torch.manual_seed(0)
-    small = ArenaLinear(nn.Linear(8, 6), rank=2, alpha=0.7)
-    large = ArenaLinear(copy.deepcopy(small.base_layer), rank=8, alpha=0.7)
+    small = ArenaLinear(nn.Linear(8, 6), rank=2, scaling=0.7)
+    large = ArenaLinear(copy.deepcopy(small.base_layer), rank=8, scaling=0.7)
     randomise_(small)
     with torch.no_grad():
         large.arena_v.zero_()
@@ -148,7 +147,7 @@ def test_scaling_is_alpha_not_alpha_over_rank(monkeypatch) -> None:
     out_small.square().sum().backward()
     out_large.square().sum().backward()
     torch.testing.assert_close(large.arena_v.grad[:2], small.arena_v.grad, atol=1e-5, rtol=1e-5)
-    doubled = ArenaLinear(copy.deepcopy(small.base_layer), rank=2, alpha=1.4)
+    doubled = ArenaLinear(copy.deepcopy(small.base_layer), rank=2, scaling=1.4)
     doubled.load_state_dict(small.state_dict())
     base = small.base_layer(x)
     torch.testing.assert_close(doubled(x) - base, 2 * (out_small - base), atol=1e-6, rtol=1e-5)
@@ -156,7 +155,7 @@ def test_scaling_is_alpha_not_alpha_over_rank(monkeypatch) -> None:
 
 def test_every_block_gets_gradient_by_the_second_step() -> None:
     torch.manual_seed(0)
-    layer = ArenaLinear(nn.Linear(8, 6), rank=4, alpha=1.0)
+    layer = ArenaLinear(nn.Linear(8, 6), rank=4, scaling=1.0)
     x, target = torch.randn(16, 8), torch.randn(16, 6)
     optimizer = ProximalOptimizer([layer.arena_A, layer.arena_B], [layer.arena_v], lam=0.0, rho=0.1, lr=1e-2)
     grads = []
@@ -177,9 +176,9 @@ def test_every_block_gets_gradient_by_the_second_step() -> None:
 def test_prune_keeps_the_function_and_shrinks_the_factors(kind: str) -> None:
     torch.manual_seed(0)
     if kind == "linear":
-        layer, x = ArenaLinear(nn.Linear(8, 6), rank=6, alpha=1.0), torch.randn(3, 8)
+        layer, x = ArenaLinear(nn.Linear(8, 6), rank=6, scaling=1.0), torch.randn(3, 8)
     else:
-        layer, x = ArenaConv3d(conv_base(), rank=6, alpha=1.0), torch.randn(2, 3, 6, 6, 6)
+        layer, x = ArenaConv3d(conv_base(), rank=6, scaling=1.0), torch.randn(2, 3, 6, 6, 6)
     randomise_(layer, zero_every=3)  # gates 0 and 3 are zero
     keep = torch.nonzero(layer.arena_v).flatten()
     before, a, b, v = layer(x), layer.arena_A.clone(), layer.arena_B.clone(), layer.arena_v.clone()
@@ -234,7 +233,7 @@ def test_bad_inputs_raise_and_leave_the_model_unmodified() -> None:
     with pytest.raises(ValueError, match="cannot adapt '2': .*groups=2"):
         apply_arena(model, ArenaConfig(target_modules=["0", "2"]))
     with pytest.raises(ValueError, match="ArenaLinear cannot wrap a Conv3d"):
-        ArenaLinear(conv_base(), rank=2, alpha=1.0)
+        ArenaLinear(conv_base(), rank=2, scaling=1.0)
     config = ArenaConfig(target_modules=["0"])
     for field, bad in [("rank", 0), ("lam", -1.0), ("rho", 0.0)]:
         with pytest.raises(ValueError, match=rf"ArenaConfig\.{field}"):
@@ -304,7 +303,7 @@ def test_rank_selection_on_a_rank_3_target() -> None:
 
     def fit(lam: float) -> int:
         torch.manual_seed(0)
-        layer = ArenaLinear(nn.Linear(n, m), rank=16, alpha=default.alpha)
+        layer = ArenaLinear(nn.Linear(n, m), rank=16, scaling=default.scaling)
         with torch.no_grad():
             target = layer.base_layer(x) + x @ delta.T
         optimizer = ProximalOptimizer(

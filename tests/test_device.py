@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from arenaseg.cli import main
-from arenaseg.utils.device import device_kind, device_name, resolve_device
+from arenaseg.utils.device import device_kind, resolve_device
+from arenaseg.utils.provenance import device_name
 
 
 def test_auto_and_cpu_resolve_without_a_gpu(monkeypatch):

@@ -91,7 +91,7 @@ def test_every_method_trains_one_step_with_its_own_parameters(method: str) -> No
     loss = adapted.training_loss(images, labels, F.binary_cross_entropy_with_logits)
     loss.backward()
     optimizer.step()
-    adapted.after_optimizer_step(0)
+    adapted.after_step(0)
     optimizer.zero_grad()
 
     assert torch.isfinite(loss)
@@ -103,7 +103,7 @@ def test_every_method_trains_one_step_with_its_own_parameters(method: str) -> No
 
 
 def test_arena_optimizer_steps_the_gates_proximally_and_the_rest_with_adamw() -> None:
-    adapted = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, lam=0.0, rho=0.5, weight_decay=0.0))
+    adapted = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, lam=0.0, rho=0.5))
     optimizer = adapted.make_optimizer(lr=1e-3)
     gates = [layer.arena_v for layer in arena_layers(adapted.network).values()]
     assert {id(p) for p in optimizer.proximal_group["params"]} == {id(v) for v in gates}
@@ -119,8 +119,8 @@ def test_the_new_head_steps_head_lr_scale_times_further(method: str) -> None:
     images, labels = batch()
     moved = {}
     for scale in (1.0, 10.0):
-        adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10, weight_decay=0.0))
-        optimizer = adapted.make_optimizer(lr=1e-3, head_lr_scale=scale)
+        adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=RANK, total_steps=10))
+        optimizer = adapted.make_optimizer(lr=1e-3, weight_decay=0.0, head_lr_scale=scale)
         covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
         assert covered == {id(p) for p in adapted.network.parameters() if p.requires_grad}
         head = adapted.network.get_submodule(HEAD_NAME).weight
@@ -136,8 +136,8 @@ def test_a_bad_head_lr_scale_is_refused() -> None:
     adapted = adapt_model(fresh_model(), "lp")
     with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
         adapted.make_optimizer(head_lr_scale=0.0)
-    with pytest.raises(ValueError, match="AdaptOptions.head_lr_scale must be > 0"):
-        AdaptOptions(head_lr_scale=-1.0)
+    with pytest.raises(ValueError, match=r"OptimizerSettings\.head_lr_scale must be > 0 and finite, got nan"):
+        adapted.make_optimizer(head_lr_scale=float("nan"))
 
 
 @pytest.mark.parametrize("method", ["lora", "arena"])
@@ -187,7 +187,7 @@ def test_adalora_adds_pefts_orthogonality_term_and_allocates_its_budget() -> Non
 
         total.backward()
         optimizer.step()
-        adapted.after_optimizer_step(step)
+        adapted.after_step(step)
         optimizer.zero_grad()
         # PEFT's schedule: step 0 keeps the initial budget, step 1 masks down to budget_schedule(1).
         budget, _ = allocator.budget_schedule(step)
@@ -262,7 +262,7 @@ def test_bad_method_or_targets_leave_the_model_untouched(method: str, options: d
         ({"rank": 0}, r"AdaptOptions\.rank must be an integer >= 1, got 0"),
         ({"lam": -1e-3}, r"AdaptOptions\.lam must be >= 0"),
         ({"rho": 0.0}, r"AdaptOptions\.rho must be > 0"),
-        ({"target_modules": "(unclosed"}, r"not a valid regex"),
+        ({"target_modules": "(unclosed"}, r"AdaptOptions\.target_modules must be a valid regex"),
         ({"rank": 4, "adalora_target_rank": 5}, r"adalora_target_rank must be an integer in \[1, rank=4\]"),
     ],
 )
@@ -280,3 +280,20 @@ def test_an_adapted_model_is_not_adapted_twice() -> None:
     assert snapshot(model) == before
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
     assert any(isinstance(m, ArenaLayer) for m in model.modules())
+
+
+def test_each_family_reports_its_own_progress_and_finalizes_itself() -> None:
+    """ARENA's progress bar shows its active rank and finalize() prunes; the other families have neither."""
+    adapted = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK))
+    layers = arena_layers(adapted.network)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.arena_v.copy_(torch.tensor([0.5, 0.0, 0.0, -1.0]))
+    assert adapted.progress() == {"rank": 2 * len(layers)}
+    adapted.finalize()
+    assert [layer.arena_v.numel() for layer in arena_layers(adapted.network).values()] == [2] * len(layers)
+    lora = adapt_model(fresh_model(), "lora", AdaptOptions(rank=RANK))
+    before = {n: p.detach().clone() for n, p in lora.network.named_parameters()}
+    lora.finalize()
+    assert lora.progress() == {} and lora.extra_state() == {}
+    assert all(torch.equal(p, before[n]) for n, p in lora.network.named_parameters())

@@ -109,7 +109,7 @@ def test_a_zeroed_gate_comes_back_unless_frozen(freeze_pruned: bool) -> None:
 
 def small_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = nn.Sequential(ArenaLinear(nn.Linear(6, 6), rank=4, alpha=1.0), nn.ReLU(), nn.Linear(6, 2))
+    model = nn.Sequential(ArenaLinear(nn.Linear(6, 6), rank=4, scaling=1.0), nn.ReLU(), nn.Linear(6, 2))
     return model, torch.randn(32, 6), torch.randn(32, 2)
 
 

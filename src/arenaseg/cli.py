@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from arenaseg.data.preprocess import PreprocessSettings
+from arenaseg.data.preprocess import INTENSITY_MODES, PreprocessSettings
+from arenaseg.evaluate.inference import KEEP_LARGEST_COMPONENT
+from arenaseg.utils.errors import UserError
 from arenaseg.utils.precision import DEFAULT_PRECISION
+
+
+def _finite(text: str) -> float:
+    """A float option: NaN and infinities pass every ``x <= 0`` check, so they are refused here."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _csv(text: str) -> list[str]:
@@ -22,7 +42,7 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     d = PreprocessSettings()
     p.add_argument(
         "--spacing",
-        type=float,
+        type=_finite,
         default=d.spacing[0],
         help="isotropic resampling spacing in mm (default: %(default)s)",
     )
@@ -33,11 +53,19 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
         help="cubic patch side in voxels, multiple of 32 (default: %(default)s)",
     )
     p.add_argument(
+        "--intensity",
+        default=d.intensity,
+        choices=INTENSITY_MODES,
+        help="intensity scaling: ct = the HU window [-125, 275] -> [0, 1]; percentile = each image's 0.5-99.5 %% "
+        "percentiles -> [0, 1] (MRI, PET, shifted CT); zscore = each image's non-zero voxels to mean 0, std 1 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=None,
         help="preprocessing cache folder (default: $ARENASEG_CACHE or ~/.cache/arenaseg/preprocessed)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -62,11 +90,14 @@ def _add_precision_arg(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> PreprocessSettings:
-    if args.patch <= 0 or args.patch % 32:
-        raise ValueError(f"--patch must be a positive multiple of 32 (Swin-UNETR downsamples 32x), got {args.patch}")
+    if args.patch < 64 or args.patch % 32:
+        raise UserError(
+            f"--patch must be a multiple of 32 and at least 64 (Swin-UNETR downsamples 32x, and its bottleneck "
+            f"normalisation needs more than one voxel), got {args.patch}"
+        )
     if args.spacing <= 0:
-        raise ValueError(f"--spacing must be positive, got {args.spacing}")
-    return PreprocessSettings(spacing=(args.spacing,) * 3, patch_size=(args.patch,) * 3)
+        raise UserError(f"--spacing must be positive, got {args.spacing}")
+    return PreprocessSettings(spacing=(args.spacing,) * 3, patch_size=(args.patch,) * 3, intensity=args.intensity)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -113,6 +144,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt_options(args: argparse.Namespace):
+    """The method options the adapt flags set; the others keep AdaptOptions' global defaults."""
+    from arenaseg.adapters import AdaptOptions
+
+    given = {"rank": args.rank, "lam": args.lam, "decoder": args.decoder}
+    try:
+        return AdaptOptions(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as err:  # AdaptOptions checks with ValueError; these values come from the command line
+        raise UserError(str(err)) from None
+
+
 def _train_settings(args: argparse.Namespace):
     from arenaseg.train.loop import TrainSettings
 
@@ -146,8 +188,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         method=args.method,
         out=args.out,
         model=args.model,
-        rank=args.rank,
-        lam=args.lam,
+        options=_adapt_options(args),
+        track=args.track,
         test_cases=tests,
         train=_train_settings(args),
         preprocess=_preprocess(args),
@@ -163,8 +205,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         print(f"ARENA total active rank: {record['active_rank_total']}")
     if "mean_dice" in record:
         print(
-            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm "
-            f"on {len(record['test_cases'])} test cases"
+            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm  "
+            f"mean NSD {record['mean_nsd']:.2f}% on {len(record['test_cases'])} test cases; largest component "
+            f"only: Dice {record['mean_dice_lcc']:.2f}%  HD95 {record['mean_hd95_lcc']:.2f} mm  "
+            f"NSD {record['mean_nsd_lcc']:.2f}%"
         )
     print(f"wrote {args.out}")
     return 0
@@ -175,7 +219,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from arenaseg.pipeline import run_predict
+    from arenaseg.pipeline import check_outputs, run_predict
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
@@ -183,12 +227,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if src.is_dir():
         inputs = _nifti_files(src)
         if not inputs:
-            raise ValueError(f"no .nii/.nii.gz files in {src}")
+            raise UserError(f"no .nii/.nii.gz files in {src}")
         outputs = [dst / p.name.replace("_0000.nii", ".nii") for p in inputs]
+        if dst.resolve() == src.resolve() or dst.is_file():
+            raise UserError(f"--output {dst} must be a folder other than the input folder {src}")
     else:
         inputs, outputs = [src], [dst]
-    for path in run_predict(args.run, inputs, outputs, args.device, precision=args.precision):
-        print(f"wrote {path}")
+    if (args.run is None) == (args.model is None) or (args.model is None) != (args.organ is None):
+        raise UserError("predict needs either --run RUN, or --model MODEL with --organ ORGAN (zero-shot)")
+    run_files = list(Path(args.run).iterdir()) if args.run and Path(args.run).is_dir() else []
+    check_outputs(inputs, outputs, run_files)
+    zero_shot = (args.model, args.organ) if args.model else None
+    run_predict(
+        args.run,
+        inputs,
+        outputs,
+        args.device,
+        args.largest_component,
+        zero_shot,
+        precision=args.precision,
+        report=lambda path: print(f"wrote {path}", flush=True),  # as they come: a later file may fail
+    )
     return 0
 
 
@@ -198,18 +257,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pred, ref = Path(args.pred), Path(args.ref)
     metrics = evaluate_files(pred, ref, args.organ, Path(args.out) if args.out else None)
     for cid, m in metrics["cases"].items():
-        print(f"{cid}: Dice {m['dice']:.2f}%  HD95 {m['hd95']:.2f} mm")
-    print(f"mean: Dice {metrics['mean_dice']:.2f}%  HD95 {metrics['mean_hd95']:.2f} mm")
+        print(f"{cid}: Dice {m['dice']:.2f}%  HD95 {m['hd95']:.2f} mm  NSD {m['nsd']:.2f}%")
+    print(f"mean: Dice {metrics['mean_dice']:.2f}%  HD95 {metrics['mean_hd95']:.2f} mm  NSD {metrics['mean_nsd']:.2f}%")
     return 0
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from arenaseg.data.phantom import make_phantom_dataset
 
-    shape = tuple(int(v) for v in _csv(args.shape))
+    shape = tuple(_ints(args.shape, "shape"))
     if len(shape) != 3:
-        raise ValueError(f"--shape needs three comma-separated sizes, got {args.shape!r}")
-    path = make_phantom_dataset(args.out, n_cases=args.n_cases, seed=args.seed, shape=shape)
+        raise UserError(f"--shape needs three comma-separated sizes, got {args.shape!r}")
+    path = make_phantom_dataset(args.out, n_cases=args.n_cases, seed=args.seed, shape=shape, modality=args.modality)
     print(f"wrote {args.n_cases} phantom cases to {path}")
     return 0
 
@@ -227,7 +286,7 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     try:
         return [int(v) for v in _csv(text)]
     except ValueError:
-        raise ValueError(f"--{what} takes comma-separated integers, got {text!r}") from None
+        raise UserError(f"--{what} takes comma-separated integers, got {text!r}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -244,11 +303,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _ints(args.shots, "shots"),
         _ints(args.seeds, "seeds"),
         args.data,
+        tracks=_csv(args.tracks) if args.tracks else None,
         test_cases=tests,
         partitions=args.partitions,
     )
     if args.results_from == "preset":
-        results_from = committed_results(args.preset, device_kind(resolve_device(args.device)))
+        kind = device_kind(resolve_device(args.device))
+        results_from = committed_results(args.preset, kind)
+        if results_from is None:
+            print(f"note: no committed {kind} results of {args.preset} under {Path.cwd()}: every cell runs here")
     else:
         results_from = None if args.results_from == "none" else args.results_from
     overrides = {
@@ -286,17 +349,29 @@ def add_bench_parsers(sub) -> None:
         help="btcv-fs: nnU-Net folder (btcv30); totalseg-fseft: the data root of the FSEFT lists, or the "
         "TotalSegmentator subjects folder",
     )
-    p.add_argument("--out", required=True, help="bench folder: cells/<method>/<organ>/k<k>/seed<s>/, results.csv")
+    p.add_argument(
+        "--out", required=True, help="bench folder: cells/<track>/<method>/<organ>/k<k>/seed<s>/, results.csv"
+    )
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated grid methods, NAME or NAME-rRANK (default: {','.join(btcv.methods)})",
+        help="comma-separated grid methods, NAME or NAME-rRANK, kept in each track that holds them (default: "
+        + "; ".join(f"{t.name}: {','.join(t.methods)}" for t in btcv.tracks)
+        + ")",
     )
     p.add_argument(
         "--organs",
         default=None,
-        help=f"comma-separated organs (default: btcv-fs: {','.join(btcv.organs)}; "
-        "totalseg-fseft: every listed structure)",
+        help="comma-separated organs, kept in each track that holds them (default: btcv-fs: "
+        + "; ".join(f"{t.name}: {','.join(t.organs)}" for t in btcv.tracks)
+        + "; totalseg-fseft: every listed structure)",
+    )
+    p.add_argument(
+        "--tracks",
+        default=None,
+        help="comma-separated tracks: base (the model's own organs, head from its class row; zero-shot is a row) "
+        f"and novel (new organs, new head; decoder policy {btcv.track('novel').decoder}) (default: every track "
+        "of the preset)",
     )
     p.add_argument("--shots", default=None, help=f"comma-separated k (default: {','.join(map(str, btcv.shots))})")
     p.add_argument(
@@ -339,8 +414,8 @@ def add_bench_parsers(sub) -> None:
         "--results-from",
         default="preset",
         help="committed cell results that count as finished: preset (btcv-fs: "
-        f"{btcv.results.format(device='cpu')} or {btcv.results.format(device='gpu')} by --device, when present), "
-        "none, or a folder (default: %(default)s)",
+        f"{btcv.results.format(device='cpu')} or {btcv.results.format(device='gpu')} by --device, under the "
+        "working directory, i.e. run from a clone of the repository), none, or a folder (default: %(default)s)",
     )
     p.add_argument(
         "--export-to",
@@ -395,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patches-per-step", type=int, default=2, help="patches per step per process (default: %(default)s)"
     )
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=_finite, default=5e-4, help="AdamW peak learning rate (default: %(default)s)")
     p.add_argument(
         "--warmup",
         type=int,
@@ -444,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_arg(p, PretrainSettings.precision)
     p.set_defaults(func=cmd_pretrain)
 
-    from arenaseg.adapters import METHODS
+    from arenaseg.adapters import METHODS, AdaptOptions
+    from arenaseg.adapters.config import DECODER_POLICIES
+    from arenaseg.pipeline import REFERENCE_METHODS, TRACKS
     from arenaseg.train.loop import TrainSettings
 
     t = TrainSettings()
@@ -458,11 +535,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the support draw, initialisation and patches (default: %(default)s)",
     )
-    p.add_argument("--method", default="arena", choices=METHODS, help="adaptation method (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=16, help="initial rank of low-rank methods (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default="arena",
+        choices=(*METHODS, *REFERENCE_METHODS),
+        help="adaptation method; zero-shot (with --shots 0) evaluates the model's own class for the organ, scratch "
+        "trains the same network in full from random weights (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=AdaptOptions.rank, help="initial rank of low-rank methods (default: %(default)s)"
+    )
+    p.add_argument(
+        "--decoder",
+        choices=DECODER_POLICIES,
+        default=AdaptOptions.decoder,
+        help="what the low-rank methods do with the convolutional decoder: frozen, full (trained in full) or "
+        "lowrank (the method's adapters on its Conv3d layers too) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--track",
+        choices=TRACKS,
+        default="auto",
+        help="how the organ's head starts: base (the model's own class row: its zero-shot prediction), novel (a "
+        "new head), auto (base when the model knows the organ) (default: %(default)s)",
+    )
     p.add_argument(
         "--lam",
-        type=float,
+        type=_finite,
         default=None,
         help="ARENA l1 weight lambda (default: ArenaConfig's documented global default)",
     )
@@ -470,16 +569,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patches-per-step", type=int, default=t.patches_per_step, help="patches per step (default: %(default)s)"
     )
-    p.add_argument("--lr", type=float, default=t.lr, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=_finite, default=t.lr, help="AdamW peak learning rate (default: %(default)s)")
     p.add_argument(
         "--head-lr-scale",
-        type=float,
+        type=_finite,
         default=t.head_lr_scale,
         help="the new output head's lr as a multiple of --lr: it starts from random weights and must move further "
         "than the adapters (default: %(default)s)",
     )
     p.add_argument(
-        "--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default: %(default)s)"
+        "--weight-decay", type=_finite, default=t.weight_decay, help="AdamW weight decay (default: %(default)s)"
     )
     p.add_argument(
         "--warmup", type=int, default=t.warmup_steps, help="warm-up steps before cosine decay (default: %(default)s)"
@@ -518,16 +617,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_arg(p, t.precision)
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("predict", help="segment new scans with an adapted run")
-    p.add_argument("--run", required=True, help="finished run folder from `arenaseg adapt`")
+    p = sub.add_parser("predict", help="segment new scans with an adapted run, or zero-shot with a foundation model")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="finished run folder from `arenaseg adapt`; its preprocessing (e.g. --intensity) is applied "
+        "(default: none, then --model and --organ are required)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="zero-shot instead of --run: a built-in model name or checkpoint path, whose class --organ is "
+        "predicted with the preprocessing of its card (default: none)",
+    )
+    p.add_argument("--organ", default=None, help="with --model: one of the model's classes (default: none)")
     p.add_argument("--input", required=True, help="image .nii.gz, or a folder of them")
     p.add_argument("--output", required=True, help="output .nii.gz (or folder when --input is a folder)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        default=KEEP_LARGEST_COMPONENT,
+        help="keep only the largest connected component of each mask (drops stray blobs) (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
     _add_device_arg(p)
     _add_precision_arg(p, DEFAULT_PRECISION)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against references, on the references' grid")
+    p = sub.add_parser("evaluate", help="Dice, HD95 and NSD of predictions against references, on the references' grid")
     p.add_argument("--pred", required=True, help="predicted mask .nii.gz, or a folder of them")
     p.add_argument("--ref", required=True, help="reference label .nii.gz, or a folder with files of the same names")
     p.add_argument(
@@ -539,11 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="metrics.json to write (default: metrics.json beside --pred)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("phantoms", help="write a synthetic CT phantom cohort (nnU-Net layout) for demos and tests")
+    p = sub.add_parser(
+        "phantoms", help="write a synthetic CT or MRI-like phantom cohort (nnU-Net layout) for demos and tests"
+    )
     p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     p.add_argument("--n-cases", type=int, default=12, help="number of cases (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default: %(default)s)")
     p.add_argument("--shape", default="96,96,64", help="volume shape in voxels at 3 mm (default: %(default)s)")
+    p.add_argument(
+        "--modality",
+        default="ct",
+        choices=("ct", "mri"),
+        help="ct: Hounsfield units; mri: T1-like scanner units (0-900, fat bright, fluid dark) on the same "
+        "anatomy, for trying --intensity percentile (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_phantoms)
 
     add_bench_parsers(sub)
@@ -555,20 +681,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="demo_out", help="folder for the phantoms, run, NIfTI and overlay (default: %(default)s)"
     )
     p.add_argument("--steps", type=int, default=SETTINGS.steps, help="adaptation steps (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+# Options that lower memory, per command, for the out-of-memory message.
+MEMORY_HINTS = {
+    "adapt": "a smaller --patch (e.g. 64), --patches-per-step 1, a lower --rank, fewer --threads, or --device cpu",
+    "pretrain": "a smaller --patch (e.g. 64), --patches-per-step 1, a smaller --feature-size, or fewer --threads",
+    "predict": "fewer --threads, or --device cpu",
+    "bench": "a smaller --patch (e.g. 64), fewer --workers or --threads, or --device cpu",
+    "demo": "fewer --threads",
+}
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that temporary files and folders are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Users' mistakes (UserError, missing/existing/unwritable paths) print one line and exit 2; out of memory
+    says which options lower it (exit 3); Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    prefix = f"arenaseg {args.command}: "
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:
-        print(f"arenaseg {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as err:
+        print(f"{prefix}error: {err}", file=sys.stderr)
         return 2
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = MEMORY_HINTS.get(args.command, "fewer --threads")
+        print(f"{prefix}error: out of memory ({detail}); lower it with {hint}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        resume = " (continue it with --resume)" if args.command in ("adapt", "pretrain") else ""
+        print(f"{prefix}interrupted{resume}", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from arenaseg.adapters.factory import AdaptOptions
+from arenaseg.adapters.config import AdaptOptions
 from arenaseg.data.datasets import Dataset, open_dataset
-from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
+from arenaseg.data.preprocess import PreprocessSettings, check_same_affine, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS, SupportDraw, draw_support
 from arenaseg.evaluate.inference import (
@@ -365,6 +365,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> dict:
         "device": device_name(device),
         "git_commit": git_commit(),
         "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
+        "adapter_sha256": file_digest(out / "adapter.safetensors"),  # predict refuses an adapter put in its place
         "rank_report": report,
     }
     if job.method == "arena":
@@ -427,20 +428,36 @@ def evaluate_cases(
 
 def load_run(run_dir: str | Path, device: str = "cpu"):
     """Rebuild the adapted model of a finished run (base model from run.json + saved adapter) on ``device``."""
-    import json
-
     from arenaseg.adapters import load_adapter
     from arenaseg.models.registry import load_model
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (no {RUN_FILE})")
-    record = json.loads((run_dir / RUN_FILE).read_text())
+    record = _read_run_record(run_dir / RUN_FILE)
+    recorded_sha = record.get("adapter_sha256")  # absent from runs written before 2026-12-02
+    if recorded_sha and (run_dir / "adapter.safetensors").is_file():
+        if file_digest(run_dir / "adapter.safetensors") != recorded_sha:
+            raise UserError(
+                f"{run_dir / 'adapter.safetensors'} is not the adapter this run trained ({RUN_FILE} records another "
+                f"sha256): it was replaced, e.g. by another run's ({record.get('organ')} expected)"
+            )
     loaded = load_model(record["model"])
     replace_with_binary_head(loaded.model)
     adapted = load_adapter(loaded.model, run_dir)
     adapted.model.to(resolve_device(device))
     return adapted, record
+
+
+def _read_run_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    missing = [k for k in ("model", "settings", "organ") if not isinstance(record, dict) or k not in record]
+    if missing or "preprocess" not in record["settings"]:
+        raise UserError(f"{path} is not a run record of arenaseg adapt: no {(missing or ['settings.preprocess'])[0]!r}")
+    return record
 
 
 def zero_shot_model(model_name: str, organ: str, device: str = "auto"):
@@ -470,9 +487,11 @@ def run_predict(
     keep_largest: bool = KEEP_LARGEST_COMPONENT,
     zero_shot: tuple[str, str] | None = None,
     precision: str = DEFAULT_PRECISION,
+    report: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Masks of ``inputs`` from a finished run, or with ``zero_shot`` = (model, organ) from the foundation model
-    alone; ``keep_largest`` keeps each mask's largest connected component; ``precision``: the forward's autocast."""
+    alone; ``keep_largest`` keeps each mask's largest connected component; ``precision``: the forward's autocast;
+    ``report`` is called with each output as soon as it is written."""
     if zero_shot is not None:
         model, preprocess = zero_shot_model(*zero_shot, device)
     else:
@@ -483,17 +502,20 @@ def run_predict(
     for src, dst in zip(inputs, outputs, strict=True):
         labels = predict_volume(model, src, preprocess, head="sigmoid", precision=precision)
         written.append(write_like(src, largest_component(labels) if keep_largest else labels, dst))
+        if report is not None:
+            report(written[-1])
     return written
 
 
 def _label_value(ref: Path, organ: str) -> int:
     """The organ's value in a multi-class reference, from the dataset.json of the folder it belongs to."""
-    import json
+
+    from arenaseg.data.datasets import read_label_map
 
     for folder in (ref.parent, ref.parent.parent):
         meta = folder / "dataset.json"
         if meta.is_file():
-            labels = json.loads(meta.read_text())["labels"]
+            _, labels = read_label_map(meta)
             if organ not in labels or organ == "background":
                 valid = ", ".join(k for k in labels if k != "background")
                 raise UserError(f"organ {organ!r} not in {meta}; valid: {valid}")
@@ -508,6 +530,8 @@ def evaluate_files(pred: Path, ref: Path, organ: str | None, out: Path | None) -
             raise FileNotFoundError(f"not found: {path}")
     if pred.is_dir() != ref.is_dir():
         raise UserError("--pred and --ref must both be files or both be folders")
+    target = out or (pred if pred.is_dir() else pred.parent) / METRICS_FILE
+    check_metrics_target(target, [pred, ref])
     if pred.is_dir():
         names = sorted(p.name for p in pred.iterdir() if p.name.endswith((".nii.gz", ".nii")))
         missing = [n for n in names if not (ref / n).is_file()]
@@ -518,12 +542,38 @@ def evaluate_files(pred: Path, ref: Path, organ: str | None, out: Path | None) -
         pairs = [(pred, ref)]
     cases = {}
     for p, r in pairs:
+        check_same_affine(p, nib.load(str(p)).affine, r, nib.load(str(r)).affine)
         (ref, spacing), (pred_labels, _) = read_label(r), read_label(p)
         if pred_labels.shape != ref.shape:
             raise UserError(f"{p} has shape {pred_labels.shape}, reference {r} has {ref.shape}")
         ref_mask = ref == _label_value(r, organ) if organ else ref > 0
         cases[r.name.split(".nii")[0]] = case_metrics(pred_labels > 0, ref_mask, spacing)
     metrics = summarise(cases)
-    target = out or (pred if pred.is_dir() else pred.parent) / METRICS_FILE
     write_json(target, metrics)
     return metrics
+
+
+def check_metrics_target(target: Path, inputs: Sequence[Path]) -> None:
+    """evaluate writes metrics.json over an earlier one only: never over an input, a folder or any other file."""
+    if target.is_dir():
+        raise UserError(f"--out {target} is a folder; give a file name, e.g. {target / METRICS_FILE}")
+    if target.resolve() in {p.resolve() for p in inputs} or target.name.endswith((".nii", ".nii.gz")):
+        raise UserError(f"--out {target} is an input or a NIfTI file; metrics go to a .json file, e.g. {METRICS_FILE}")
+    if target.exists():
+        try:
+            earlier = json.loads(target.read_text()) if target.stat().st_size < 2**24 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "mean_dice" in earlier):
+            raise UserError(f"--out {target} exists and is not a metrics file of arenaseg evaluate; not overwriting it")
+
+
+def check_outputs(inputs: Sequence[Path], outputs: Sequence[Path], protected: Sequence[Path] = ()) -> None:
+    """predict never writes over what it reads: an output that is an input or a ``protected`` file (the run's),
+    or that is an existing folder, is refused before anything runs."""
+    sources = {p.resolve() for p in [*inputs, *protected]}
+    for dst in outputs:
+        if dst.resolve() in sources:
+            raise UserError(f"output {dst} is one of the inputs or of the run's files; choose another --output")
+        if dst.is_dir():
+            raise UserError(f"output {dst} is an existing folder; give a file name (.nii.gz)")

@@ -1,8 +1,7 @@
-"""Adaptation methods (ARENA and the PEFT baselines) behind one entry point, adapter files and rank reports."""
+"""Adaptation methods (ARENA and the PEFT baselines): their configs, one entry point, hook objects per method
+family, adapter files and rank reports."""
 
 from arenaseg.adapters.arena import (
-    DEFAULT_TARGETS,
-    ArenaConfig,
     ArenaConv3d,
     ArenaLayer,
     ArenaLinear,
@@ -13,9 +12,11 @@ from arenaseg.adapters.arena import (
     merge_arena,
     prune_arena,
 )
-from arenaseg.adapters.factory import METHODS, AdaptedModel, AdaptOptions, adapt_model
+from arenaseg.adapters.config import DEFAULT_TARGETS, AdaptOptions, ArenaConfig, OptimizerSettings
+from arenaseg.adapters.factory import METHODS, adapt_model
 from arenaseg.adapters.io import export_peft_lora, load_adapter, read_adapter_config, save_adapter
 from arenaseg.adapters.report import format_rank_table, rank_report
+from arenaseg.adapters.tuners import AdaptedModel
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -26,6 +27,7 @@ __all__ = [
     "ArenaConv3d",
     "ArenaLayer",
     "ArenaLinear",
+    "OptimizerSettings",
     "active_ranks",
     "adapt_model",
     "apply_arena",

@@ -1,9 +1,10 @@
 """ARENA adapter layers: W = W0 + s * B diag(v) A, with an l1 penalty on v that switches whole rank components off.
 
-Scaling convention (the one place it is defined): s = ``ArenaConfig.alpha``, NOT alpha / r as in LoRA. The gate v
-carries each component's magnitude, so the penalty lam * ||v||_1 prices one unit of a component identically whatever
-the initial rank (A and B start with unit rows / columns); that is what makes ARENA robust to over-ranking: a larger
-r only offers more candidate components, it does not rescale the ones that survive.
+Scaling convention: s = alpha / r with alpha = LoRA's ``lora_alpha`` and r the *initial* rank
+(``ArenaConfig.scaling``, defined with every other option in ``config.py``), so ARENA starts from LoRA's effective
+scale; s then stays fixed while components are pruned. The gate v carries each component's magnitude, so the
+penalty lam * ||v||_1 prices one unit of a component identically whatever the rank it keeps (A and B start with unit
+rows / columns): pruning never rescales the components that survive.
 
 Parameter naming: every adapted module keeps its original weights under ``<module>.base_layer.{weight,bias}`` and
 holds three plain parameters ``<module>.arena_A``, ``<module>.arena_B`` and ``<module>.arena_v`` (no submodules,
@@ -14,91 +15,13 @@ exported as a LoRA adapter; v has shape (r,).
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from arenaseg.optim.proximal import V_GRADIENTS  # direction of the proximal step on v
-
-DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
-
-
-@dataclass
-class ArenaConfig:
-    """Where ARENA goes and how it is regularised: the project's one global default, for every organ and k.
-
-    The proximal step on v is v <- soft_threshold(v - rho*eta_t*d, rho*eta_t*lam) (``arenaseg.optim.proximal``).
-    With the default direction d (``v_gradient="adam"``: Adam's normalised gradient, |d| <= ~1), a gate moves by at
-    most rho*eta_t per step. rho = 1e-2, ten times the factors' lr: a component's magnitude is v alone (A rows and B
-    columns are unit vectors), while a LoRA component b a^T grows through all m entries of b at once, about
-    sqrt(m) (6 to 17 for the adapted layers here) times faster than one entry. With rho = lr = 1e-3, |v| stayed
-    below ~0.06 in 100 steps and ARENA's logits equalled a linear probe's to two decimals
-    (benchmarks/results/cell_logits.md); with rho = 1e-2 it departs from the probe (benchmarks/results/
-    step_budget_arena.md, pretrain-split cases only). lam is scale-free: a component stays on only
-    while its normalised pull |d| exceeds lam. lam = 0.3 sits just above the noise floor of |d| for a gradient of
-    random sign, sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so components driven by noise switch off
-    and components with a persistent pull survive; chosen from this argument, not by looking at any result.
-    With ``v_gradient="plain"`` (the exact step for L + lam*||v||_1), lam is in units of the loss gradient instead.
-    ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
-    step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
-    """
-
-    rank: int = 16
-    alpha: float = 1.0
-    target_modules: str | list[str] = DEFAULT_TARGETS
-    lam: float = 0.3
-    rho: float = 1e-2
-    freeze_pruned: bool = False
-    v_gradient: str = "adam"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field; re-run by ``apply_arena`` because dataclasses stay mutable."""
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"ArenaConfig.rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"ArenaConfig.alpha (the scaling s) must be > 0, got {self.alpha!r}")
-        if not self.lam >= 0:
-            raise ValueError(f"ArenaConfig.lam (l1 weight on v) must be >= 0, got {self.lam!r}")
-        if not self.rho > 0:
-            raise ValueError(f"ArenaConfig.rho (proximal step size on v) must be > 0, got {self.rho!r}")
-        if self.v_gradient not in V_GRADIENTS:
-            raise ValueError(f"ArenaConfig.v_gradient must be one of {V_GRADIENTS}, got {self.v_gradient!r}")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as err:
-                raise ValueError(f"ArenaConfig.target_modules is not a valid regex ({err}): {targets!r}") from None
-        elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
-            raise ValueError(
-                "ArenaConfig.target_modules must be a regex string or a non-empty list of module names, "
-                f"got {targets!r}"
-            )
-
-    def matches(self, name: str) -> bool:
-        """PEFT's rule: a regex is full-matched, a list entry matches the name itself or a ``.``-suffix of it."""
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, name) is not None
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ArenaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ArenaConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+from arenaseg.adapters.config import ArenaConfig
 
 
 def is_arena_v(name: str) -> bool:
@@ -109,7 +32,7 @@ def is_arena_v(name: str) -> bool:
 class ArenaLayer(nn.Module, ABC):
     """A frozen ``base_layer`` plus s * B diag(v) A; subclasses say how A and B act and what merging builds."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(self, base_layer: nn.Module, rank: int, scaling: float) -> None:
         super().__init__()
         self.check_supported(base_layer)
         if not isinstance(self, LAYER_TYPES[type(base_layer)]):
@@ -118,7 +41,7 @@ class ArenaLayer(nn.Module, ABC):
             raise ValueError(f"ARENA rank must be an integer >= 1, got {rank!r}")
         self.base_layer = base_layer.requires_grad_(False)
         self.initial_rank = rank
-        self.scaling = alpha
+        self.scaling = scaling
         w = base_layer.weight
         m, kernel = w.shape[0], w.shape[2:]
         self.arena_A = nn.Parameter(torch.empty(rank, *w.shape[1:], device=w.device, dtype=w.dtype))
@@ -246,7 +169,7 @@ def apply_arena(model: nn.Module, config: ArenaConfig) -> list[str]:
         except ValueError as err:
             raise ValueError(f"cannot adapt {name!r}: {err}") from None
     for name, mod in matched:
-        model.set_submodule(name, LAYER_TYPES[type(mod)](mod, config.rank, config.alpha), strict=True)
+        model.set_submodule(name, LAYER_TYPES[type(mod)](mod, config.rank, config.scaling), strict=True)
     return [name for name, _ in matched]
 
 

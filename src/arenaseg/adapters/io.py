@@ -27,10 +27,12 @@ from torch import nn
 
 import arenaseg
 from arenaseg.adapters.arena import arena_layers
-from arenaseg.adapters.factory import AdaptedModel, AdaptOptions, adapt_model
-from arenaseg.models.foundation import load_state_strict
+from arenaseg.adapters.config import AdaptOptions
+from arenaseg.adapters.factory import adapt_model
+from arenaseg.adapters.tuners import AdaptedModel
 from arenaseg.models.swin_unetr import HEAD_NAME
 from arenaseg.utils.atomic import atomic_path, write_json
+from arenaseg.utils.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,17 +59,18 @@ def _check_fits(expected: Shapes, found: Shapes, what: str) -> None:
     for name, shape in expected.items():
         if found.get(name) != shape:
             got = found.get(name, "no such tensor")
-            raise ValueError(f"{what}: first mismatching tensor {name!r}: expected shape {shape}, found {got}")
+            raise UserError(f"{what}: first mismatching tensor {name!r}: expected shape {shape}, found {got}")
     extra = [name for name in found if name not in expected]
     if extra:
-        raise ValueError(
+        raise UserError(
             f"{what}: first mismatching tensor {extra[0]!r}: expected no such tensor, found shape {found[extra[0]]}"
             f" ({len(extra)} unexpected)"
         )
 
 
-def save_adapter(adapted: AdaptedModel, folder: str | Path) -> Path:
-    """Write the adapter folder (see the module docstring); returns the folder."""
+def save_adapter(adapted: AdaptedModel, folder: str | Path, preprocess: dict | None = None) -> Path:
+    """Write the adapter folder (see the module docstring); returns the folder. ``preprocess`` (the settings the
+    adapter was trained on, e.g. its intensity scaling) is recorded in the config when given."""
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapted.adapter_state_dict().items()}
     fingerprint = base_fingerprint(adapted.base_shapes)
@@ -88,6 +91,8 @@ def save_adapter(adapted: AdaptedModel, folder: str | Path) -> Path:
         "base": {"fingerprint": fingerprint, "tensors": [[k, list(v)] for k, v in adapted.base_shapes.items()]},
         "versions": {"arenaseg": arenaseg.__version__, "peft": peft.__version__, "torch": torch.__version__},
     }
+    if preprocess is not None:
+        config["preprocess"] = preprocess
     with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "base_fingerprint": fingerprint})
     write_json(folder / ADAPTER_CONFIG, config)
@@ -103,7 +108,7 @@ def read_adapter_config(folder: str | Path) -> dict:
             )
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{folder / ADAPTER_CONFIG} is not an {FORMAT} v{FORMAT_VERSION} config "
             f"(format {config.get('format')!r}, version {config.get('format_version')!r})"
         )
@@ -125,9 +130,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AdaptedModel:
     adapted = adapt_model(model, config["method"], AdaptOptions.from_dict(config["options"]))
     adapted.restore_allocation(config["allocation"])
     source = f"{folder / ADAPTER_WEIGHTS}"
-    if adapted.method == "fft":
-        load_state_strict(adapted.network, tensors, source=source)
-        return adapted
     own = adapted.adapter_state_dict()
     _check_fits(
         _shapes(own),
@@ -152,7 +154,7 @@ def export_peft_lora(model: nn.Module, folder: str | Path, base_model_name_or_pa
     """
     layers = arena_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no ARENA layers to export")
+        raise UserError(f"{type(model).__name__} has no ARENA layers to export")
     head = model.get_submodule(HEAD_NAME)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -166,7 +168,7 @@ def export_peft_lora(model: nn.Module, folder: str | Path, base_model_name_or_pa
             tensors[f"base_model.model.{name}.lora_B.weight"] = layer.arena_B.index_select(1, keep) * gate
             ranks[name] = keep.numel()
     if not ranks:
-        raise ValueError("every ARENA layer is pruned to rank 0: there is no LoRA adapter to export")
+        raise UserError("every ARENA layer is pruned to rank 0: there is no LoRA adapter to export")
     for pname, p in head.named_parameters():
         tensors[f"base_model.model.{HEAD_NAME}.{pname}"] = p.detach()
     config = LoraConfig(

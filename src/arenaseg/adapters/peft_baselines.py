@@ -7,27 +7,22 @@ bridges two gaps between PEFT's transformers-shaped API and a segmentation netwo
   network directly (images -> logits), which is what we want for inference and for LoRA, DoRA and PiSSA.
 - AdaLoRA's orthogonality regulariser lives in ``AdaLoraModel.forward`` (``peft_model.base_model``), which adds
   ``orth_reg_weight * regu_loss`` only to an output that has a ``.loss``; ``PeftModel.forward`` bypasses it. So the
-  AdaLoRA network is wrapped in ``WithLossOutput``, and ``training_loss`` calls the tuner with the labels and loss
-  function, letting PEFT add its own regulariser to our loss.
+  AdaLoRA network is wrapped in ``WithLossOutput``, and ``tuners.AdaLora.training_loss`` calls the tuner with the
+  labels and loss function, letting PEFT add its own regulariser to our loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel
 from peft.tuners.adalora import AdaLoraLayer
 from torch import nn
 
+from arenaseg.adapters.config import AdaptOptions
 from arenaseg.adapters.report import PEFT_ADAPTER
-
-if TYPE_CHECKING:
-    from arenaseg.adapters.factory import AdaptOptions
-
-PEFT_METHODS = ("lora", "adalora", "dora", "pissa")
 
 # What PEFT 0.21.2 can wrap among the layers of a 3D network: LoRA and DoRA have Conv3d variants; AdaLoRA has
 # SVDLinear/SVDConv2d only, and PiSSA's SVD initialisation is implemented for Linear weights only (on a Conv3d PEFT
@@ -68,44 +63,33 @@ class WithLossOutput(nn.Module):
         return LossOutput(logits=logits, loss=loss_fn(logits, labels).clone())
 
 
-def peft_config(method: str, options: AdaptOptions, targets: Sequence[str]) -> LoraConfig | AdaLoraConfig:
-    """The PEFT config of ``method``; built before the model is touched, so that PEFT's own checks run first.
-
-    ``targets`` are full module names (PEFT matches a list entry against the name or a ``.``-suffix of it, so the
-    names also match inside the AdaLoRA wrapper, where they carry a ``net.`` prefix).
-    """
-    common = {"lora_alpha": options.lora_alpha, "target_modules": list(targets), "lora_dropout": 0.0}
-    if method == "adalora":
-        if options.total_steps is None:
-            raise ValueError("adalora needs AdaptOptions.total_steps: its rank budget schedule is set by it")
-        return AdaLoraConfig(
-            init_r=options.rank,
-            target_r=options.adalora_target_rank,
-            total_step=options.total_steps,
-            tinit=options.adalora_tinit,
-            tfinal=options.adalora_tfinal,
-            deltaT=options.adalora_delta_t,
-            orth_reg_weight=options.orth_reg_weight,
-            **common,
-        )
-    extra = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}
-    if method not in extra:
-        raise ValueError(f"{method!r} is not a PEFT baseline; those are {PEFT_METHODS}")
-    return LoraConfig(r=options.rank, **common, **extra[method])
+def _common(options: AdaptOptions, targets: Sequence[str]) -> dict:
+    """What every PEFT config here shares. ``targets`` are full module names (PEFT matches a list entry against the
+    name or a ``.``-suffix of it, so the names also match inside the AdaLoRA wrapper, with its ``net.`` prefix)."""
+    return {"lora_alpha": options.lora_alpha, "target_modules": list(targets), "lora_dropout": 0.0}
 
 
-def wrap_with_peft(network: nn.Module, method: str, config: LoraConfig | AdaLoraConfig) -> PeftModel:
-    """Inject the adapters into ``network`` in place and return PEFT's model around it (callable: images -> logits)."""
-    return get_peft_model(WithLossOutput(network) if method == "adalora" else network, config)
+LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}
 
 
-def peft_training_loss(
-    peft_model: PeftModel, method: str, images: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn
-) -> torch.Tensor:
-    """The training objective PEFT defines for ``method``: for AdaLoRA the loss plus its orthogonality term."""
-    if method == "adalora":
-        return peft_model.base_model(images, labels=labels, loss_fn=loss_fn).loss
-    return loss_fn(peft_model(images), labels)
+def lora_config(method: str, options: AdaptOptions, targets: Sequence[str]) -> LoraConfig:
+    """LoRA's, DoRA's or PiSSA's config, built before the model is touched so that PEFT's own checks run first."""
+    return LoraConfig(r=options.rank, **_common(options, targets), **LORA_VARIANTS[method])
+
+
+def adalora_config(options: AdaptOptions, targets: Sequence[str]) -> AdaLoraConfig:
+    if options.total_steps is None:
+        raise ValueError("adalora needs AdaptOptions.total_steps: its rank budget schedule is set by it")
+    return AdaLoraConfig(
+        init_r=options.rank,
+        target_r=options.adalora_target_rank,
+        total_step=options.total_steps,
+        tinit=options.adalora_tinit,
+        tfinal=options.adalora_tfinal,
+        deltaT=options.adalora_delta_t,
+        orth_reg_weight=options.orth_reg_weight,
+        **_common(options, targets),
+    )
 
 
 def adalora_budgets(peft_model: PeftModel, network: nn.Module) -> dict[str, int]:

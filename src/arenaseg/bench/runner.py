@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from arenaseg.adapters.factory import AdaptOptions
+from arenaseg.adapters.config import AdaptOptions
 from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_results
 from arenaseg.data.preprocess import file_digest, settings_key
 from arenaseg.models.registry import model_file

@@ -7,7 +7,6 @@ killed run resumed from its checkpoint reaches exactly the tensors an uninterrup
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
-from arenaseg.adapters.config import OptimizerSettings
+from arenaseg.adapters.config import Config, OptimizerSettings, choice, flag, integer, number, same_as
 from arenaseg.adapters.tuners import AdaptedModel
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.train.schedule import warmup_cosine
@@ -28,35 +27,26 @@ from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, ch
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """One global default for every method, organ and k (BENCHMARK.md forbids per-task tuning)."""
+class TrainSettings(Config):
+    """One global default for every method, organ and k (BENCHMARK.md forbids per-task tuning); checked by the
+    configs' one validator (``arenaseg.adapters.config``), as a UserError: these come from the command line."""
 
-    steps: int = 100
-    patches_per_step: int = 2
-    lr: float = OptimizerSettings.lr
-    head_lr_scale: float = OptimizerSettings.head_lr_scale
-    weight_decay: float = OptimizerSettings.weight_decay
-    warmup_steps: int = 10
-    cross_entropy: bool = False  # Dice + CE keeps a new organ's logits < 0: benchmarks/results/step_budget_v3_*.md
-    checkpoint_every: int = 25
-    stop_patience: int = 0
-    stop_min_delta: float = 1e-3
+    error = UserError
+
+    steps: int = integer(100, 1)
+    patches_per_step: int = integer(2, 1)
+    lr: float = same_as(OptimizerSettings, "lr")
+    head_lr_scale: float = same_as(OptimizerSettings, "head_lr_scale")
+    weight_decay: float = same_as(OptimizerSettings, "weight_decay")
+    warmup_steps: int = integer(10, 0)
+    # Dice + CE keeps a new organ's logits < 0: benchmarks/results/step_budget_v3_*.md
+    cross_entropy: bool = flag(False)
+    checkpoint_every: int = integer(25, 1)
+    stop_patience: int = integer(0, 0)
+    stop_min_delta: float = number(1e-3, 0.0)
     seed: int = 0
-    precision: str = DEFAULT_PRECISION  # fp32 | bf16 | fp16 autocast: arenaseg.utils.precision says why fp32
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("lr", "head_lr_scale", "weight_decay", "stop_min_delta"):
-            if not math.isfinite(getattr(self, name)):  # NaN and inf pass the comparisons below
-                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
-        for name in ("steps", "patches_per_step", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr_scale <= 0:
-            raise UserError(f"lr and head_lr_scale must be > 0, got {self.lr} and {self.head_lr_scale}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.stop_patience < 0 or self.stop_min_delta < 0:
-            raise UserError("weight_decay, warmup_steps, stop_patience and stop_min_delta must be >= 0")
+    # fp32 | bf16 | fp16 autocast: arenaseg.utils.precision says why fp32
+    precision: str = choice(DEFAULT_PRECISION, PRECISIONS)
 
 
 class PlateauStop:
@@ -94,9 +84,14 @@ class TrainResult:
 
 
 def train_adapter(
-    adapted: AdaptedModel, sampler: PatchSampler, settings: TrainSettings, checkpoint: Path
+    adapted: AdaptedModel,
+    sampler: PatchSampler,
+    settings: TrainSettings,
+    checkpoint: Path,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Run (or resume) the loop; the progress bar shows the loss and the method's ``progress()`` fields."""
+    """Run (or resume) the loop; the progress bar shows the loss and the method's ``progress()`` fields.
+    ``on_step(steps_done, loss)`` runs after every step, before its checkpoint (e.g. a probe's measurements)."""
     model = adapted.model
     device = next(model.parameters()).device
     check_precision(settings.precision, device)
@@ -122,6 +117,8 @@ def train_adapter(
         stopped = stopper.update(loss_value)
         bar.set_postfix(loss=f"{loss_value:.3f}", **adapted.progress())
         done = step + 1
+        if on_step is not None:
+            on_step(done, loss_value)
         if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
             times = earlier_times + step_times
             _save_checkpoint(
@@ -198,7 +195,11 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, scaler) -> tuple[int, float, list[float]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from arenaseg.models.checkpoints import load_torch_file
+
+    state = load_torch_file(path)
+    if not isinstance(state, dict) or "settings" not in state:
+        raise UserError(f"{path} is not a resume checkpoint of arenaseg adapt; remove it or pass --overwrite")
     if recorded_settings(state["settings"]) != asdict(settings):
         raise UserError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
     options = _plain(adapted.options.to_dict())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
+
+from arenaseg.utils.errors import UserError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -17,26 +17,20 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: use {DEVICE_CHOICES}") from err
+        raise UserError(f"unknown device {name!r}: use {DEVICE_CHOICES}") from err
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}: use {DEVICE_CHOICES}")
+        raise UserError(f"unknown device {name!r}: use {DEVICE_CHOICES}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use --device cpu)")
+            raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+            raise UserError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     return device
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def device_kind(device: torch.device | str | None) -> str:
-    """The kind, cpu or gpu, of a torch device or of a `device_name` string (as stored in run.json); "unknown"
-    for a record that names no device, so that it never passes for either kind."""
+    """The kind, cpu or gpu, of a torch device or of a `utils.provenance.device_name` string (as stored in
+    run.json); "unknown" for a record that names no device, so that it never passes for either kind."""
     if isinstance(device, torch.device):
         return "gpu" if device.type == "cuda" else "cpu"
     if not device:

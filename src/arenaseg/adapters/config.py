@@ -1,0 +1,229 @@
+"""The adaptation methods' configuration, PEFT-style: plain dataclasses that import nothing else of arenaseg.
+
+One name per concept, each defined once here (the other classes reuse its field, default and rule):
+
+- ``rank`` r: the initial rank of every low-rank method;
+- ``alpha``: LoRA's ``lora_alpha`` for every low-rank method, ARENA included; None means alpha = r. The update is
+  scaled by alpha / r fixed at the initial rank: LoRA, DoRA, PiSSA and AdaLoRA as PEFT does, ARENA by
+  s = alpha / r (``ArenaConfig.scaling``), which it keeps while pruning (see ``arena.py``). So every method starts
+  from the same effective scale (1 by default);
+- ``lam``, ``rho``, ``v_gradient``, ``freeze_pruned``: ARENA's proximal step on its gates (``ArenaConfig``);
+- ``lr``, ``weight_decay``, ``head_lr_scale``: the optimizer's (``OptimizerSettings``; the training loop's
+  ``TrainSettings`` takes its defaults from there).
+
+One validator: each field declares its rule (``_rule``) and ``Config.validate`` checks them all, numbers with
+``math.isfinite`` first (NaN and inf pass any comparison), then the rules that tie fields together. Errors are
+``ValueError`` naming ``Class.field``; a subclass may raise the project's UserError instead (``error``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
+DECODER_POLICIES = ("frozen", "full", "lowrank")
+V_GRADIENTS = ("adam", "plain")  # the direction of ARENA's step on v (``arenaseg.optim.proximal``)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rule(default: Any, need: str, ok: Callable[[Any], bool]) -> Any:
+    """A dataclass field with its rule: ``ok(value)`` must hold, else "must be ``need``"."""
+    return field(default=default, metadata={"need": need, "ok": ok})
+
+
+def integer(default: int | None, minimum: int, *, optional: bool = False) -> Any:
+    need = f"an integer >= {minimum}" + (" or None" if optional else "")
+    return _rule(default, need, lambda v: (optional and v is None) or _is_int(v, minimum))
+
+
+def number(default: float | None, minimum: float, *, above: bool = False, optional: bool = False) -> Any:
+    """A finite number >= ``minimum`` (> with ``above``)."""
+    need = f"{'>' if above else '>='} {minimum:g} and finite" + (" (or None)" if optional else "")
+    return _rule(
+        default,
+        need,
+        lambda v: (optional and v is None) or (_is_number(v) and (v > minimum if above else v >= minimum)),
+    )
+
+
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    return _rule(default, f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+def flag(default: bool) -> Any:
+    return _rule(default, "True or False", lambda v: isinstance(v, bool))
+
+
+def _is_targets(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error:
+            return False
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, str) and t for t in value)
+
+
+def targets(default: str) -> Any:
+    """PEFT's ``target_modules``: a regex full-matched against module names, or a list of names (an entry also
+    matches as a ``.``-suffix)."""
+    return _rule(default, "a valid regex or a non-empty list of module names", _is_targets)
+
+
+def same_as(config: type, name: str) -> Any:
+    """The field ``name`` of another config class, default and rule: one definition per concept."""
+    original = config.__dataclass_fields__[name]
+    return field(default=original.default, metadata=original.metadata)
+
+
+class Config:
+    """Base of the configuration dataclasses: validated on construction, ``to_dict`` / ``from_dict`` for JSON."""
+
+    error: ClassVar[type[Exception]] = ValueError
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``error`` naming the first field that breaks its rule."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "ok" in f.metadata and not f.metadata["ok"](value):
+                raise self.error(f"{type(self).__name__}.{f.name} must be {f.metadata['need']}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise cls.error(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class _Scaled:
+    """``rank`` and ``alpha`` read the same way by every low-rank method."""
+
+    rank: int
+    alpha: float | None
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r at the initial rank: LoRA's scaling, and ARENA's s (fixed while it prunes)."""
+        return self.lora_alpha / self.rank
+
+
+@dataclass
+class ArenaConfig(_Scaled, Config):
+    """Where ARENA goes and how it is regularised: the project's one global default, for every organ and k.
+
+    The proximal step on v is v <- soft_threshold(v - rho*eta_t*d, rho*eta_t*lam) (``arenaseg.optim.proximal``).
+    With the default direction d (``v_gradient="adam"``: Adam's normalised gradient, |d| <= ~1), a gate moves by at
+    most rho*eta_t per step. rho = 1e-2, ten times the factors' lr: a component's magnitude is v alone (A rows and B
+    columns are unit vectors), while a LoRA component b a^T grows through all m entries of b at once, about
+    sqrt(m) (6 to 17 for the adapted layers here) times faster than one entry. With rho = lr = 1e-3, |v| stayed
+    below ~0.06 in 100 steps and ARENA's logits equalled a linear probe's to two decimals
+    (benchmarks/results/cell_logits.md); with rho = 1e-2 it departs from the probe (benchmarks/results/
+    step_budget_arena.md, pretrain-split cases only). lam is scale-free: a component stays on only
+    while its normalised pull |d| exceeds lam. lam = 0.3 sits just above the noise floor of |d| for a gradient of
+    random sign, sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so components driven by noise switch off
+    and components with a persistent pull survive; chosen from this argument, not by looking at any result.
+    With ``v_gradient="plain"`` (the exact step for L + lam*||v||_1), lam is in units of the loss gradient instead.
+    ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
+    step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
+    Mutable like PEFT's configs, so ``apply_arena`` validates it again.
+    """
+
+    rank: int = integer(16, 1)
+    alpha: float | None = number(None, 0.0, above=True, optional=True)
+    target_modules: str | list[str] = targets(DEFAULT_TARGETS)
+    lam: float = number(0.3, 0.0)
+    rho: float = number(1e-2, 0.0, above=True)
+    freeze_pruned: bool = flag(False)
+    v_gradient: str = choice("adam", V_GRADIENTS)
+
+    def matches(self, name: str) -> bool:
+        """PEFT's rule: a regex is full-matched, a list entry matches the name itself or a ``.``-suffix of it."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(Config):
+    """The optimizer's global defaults, for every method, organ and k (BENCHMARK.md forbids per-task tuning)."""
+
+    lr: float = number(1e-3, 0.0, above=True)
+    weight_decay: float = number(1e-4, 0.0)
+    # the new head starts from random weights: benchmarks/results/step_budget_lp.md
+    head_lr_scale: float = number(10.0, 0.0, above=True)
+
+
+@dataclass(frozen=True)
+class AdaptOptions(_Scaled, Config):
+    """What ``adapt_model`` builds (each method reads the fields it needs); validated on construction.
+
+    ``total_steps`` is required by ``adalora`` (its budget schedule). The AdaLoRA fields map to PEFT's
+    ``AdaLoraConfig`` (``adalora_target_rank`` defaults to rank // 2). ``decoder`` is what happens to the
+    convolutional decoder (every module outside ``swinViT`` but the head) under a low-rank method: ``frozen``,
+    ``full`` (trained in full at ``decoder_lr_scale`` times the lr, FSEFT's novel-organ recipe) or ``lowrank``
+    (the method's own adapters on the decoder's Conv3d layers too).
+    """
+
+    rank: int = same_as(ArenaConfig, "rank")
+    alpha: float | None = same_as(ArenaConfig, "alpha")
+    target_modules: str | tuple[str, ...] = same_as(ArenaConfig, "target_modules")
+    lam: float = same_as(ArenaConfig, "lam")
+    rho: float = same_as(ArenaConfig, "rho")
+    freeze_pruned: bool = same_as(ArenaConfig, "freeze_pruned")
+    v_gradient: str = same_as(ArenaConfig, "v_gradient")
+    total_steps: int | None = integer(None, 1, optional=True)
+    adalora_target_rank: int | None = integer(None, 1, optional=True)
+    adalora_tinit: int = integer(0, 0)
+    adalora_tfinal: int = integer(0, 0)
+    adalora_delta_t: int = integer(1, 1)
+    orth_reg_weight: float = number(0.5, 0.0)
+    train_head: bool = flag(True)
+    decoder: str = choice("frozen", DECODER_POLICIES)
+    decoder_lr_scale: float = number(1.0, 0.0, above=True)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.adalora_target_rank is None and _is_int(self.rank, 1):
+            object.__setattr__(self, "adalora_target_rank", max(1, self.rank // 2))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.adalora_target_rank > self.rank:
+            raise self.error(f"AdaptOptions.adalora_target_rank must be an integer in [1, rank={self.rank}]")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdaptOptions:
+        """Also reads options written before 2026-12-02, which held lr, weight_decay and head_lr_scale: those were
+        ``make_optimizer()``'s defaults, not necessarily the run's (its ``settings.train`` holds the numbers used)."""
+        return super().from_dict({k: v for k, v in d.items() if k not in ("lr", "weight_decay", "head_lr_scale")})
+
+    def arena_config(self, target_modules: list[str]) -> ArenaConfig:
+        """ARENA's layer config for these options on the resolved ``target_modules``."""
+        names = ("rank", "alpha", "lam", "rho", "freeze_pruned", "v_gradient")
+        return ArenaConfig(target_modules=target_modules, **{n: getattr(self, n) for n in names})
