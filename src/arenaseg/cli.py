@@ -442,7 +442,7 @@ def add_bench_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from arenaseg.train.pretrain import PretrainSettings
+    from arenaseg.train.pretrain import SAMPLINGS, PretrainSettings
 
     parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,33 +466,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="held-out case ids to evaluate into the card, btcv-fs for its test cases, or none (default: %(default)s)",
     )
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: %(default)s)")
+    ps = PretrainSettings()
+    p.add_argument("--steps", type=int, default=ps.steps, help="optimizer steps (default: %(default)s)")
     p.add_argument(
-        "--patches-per-step", type=int, default=2, help="patches per step per process (default: %(default)s)"
+        "--patches-per-step",
+        type=int,
+        default=ps.patches_per_step,
+        help="patches per step per process (default: %(default)s)",
     )
-    p.add_argument("--lr", type=_finite, default=5e-4, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=_finite, default=ps.lr, help="AdamW peak learning rate (default: %(default)s)")
     p.add_argument(
         "--warmup",
         type=int,
-        default=50,
+        default=ps.warmup_steps,
         help="linear warm-up steps before cosine decay (default: %(default)s)",
     )
     p.add_argument(
         "--checkpoint-every",
         type=int,
-        default=50,
+        default=ps.checkpoint_every,
         help="steps between atomic resume checkpoints (default: %(default)s)",
     )
     p.add_argument(
         "--feature-size",
         type=int,
-        default=12,
+        default=ps.feature_size,
         help="Swin-UNETR feature size (default: %(default)s, the CPU preset)",
     )
     p.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=ps.seed,
         help="seed for initialisation and patch sampling (default: %(default)s)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt (default: off)")
@@ -504,14 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sampling",
-        default="class-balanced",
-        choices=("class-balanced", "pos-neg"),
+        default=ps.sampling,
+        choices=SAMPLINGS,
         help="patch centres: class-balanced = half background, half shared equally by the organs; pos-neg = "
         "foreground:background 1:1, so large organs dominate (default: %(default)s)",
     )
     p.add_argument(
         "--save-dtype",
-        default="float32",
+        default=ps.save_dtype,
         choices=("float32", "float16"),
         help="dtype of the stored weights; float16 halves the file, loading casts back (default: %(default)s)",
     )
@@ -521,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from arenaseg.adapters import METHODS, AdaptOptions
     from arenaseg.adapters.config import DECODER_POLICIES
-    from arenaseg.pipeline import REFERENCE_METHODS, TRACKS
+    from arenaseg.pipeline import REFERENCE_METHODS, TRACKS, AdaptJob
     from arenaseg.train.loop import TrainSettings
 
     t = TrainSettings()
@@ -603,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the smoothed training loss has not improved for this many steps; 0 = off "
         "(default: %(default)s)",
     )
-    p.add_argument("--model", default="btcv-fs", help="built-in model name or checkpoint path (default: %(default)s)")
+    p.add_argument(
+        "--model", default=AdaptJob.model, help="built-in model name or checkpoint path (default: %(default)s)"
+    )
     p.add_argument(
         "--test-cases",
         default="auto",

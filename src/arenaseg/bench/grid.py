@@ -264,7 +264,7 @@ def plan_cells(
     """Every cell of the grid, track-major, then organ-major (organ, k, seed, method) so that one organ's complete
     comparison finishes before the next organ starts. None takes the preset's default; ``methods`` and ``organs``
     select within each track (an organ or method that no chosen track holds is an error). The zero-shot row of
-    an organ trains nothing, so it is one cell (k = 0, first seed) whatever the k and seeds.
+    an organ trains nothing, so it is one cell (k = 0, seed 0) whatever the k and seeds.
 
     ``btcv-fs``: BENCHMARK.md's protocol; ``test_cases`` "auto" is BTCV-FS's test split (a list of case ids lets
     the same protocol run on other nnU-Net data, e.g. phantoms). Where k >= the organ's eligible pool, the whole
@@ -302,7 +302,7 @@ def plan_cells(
     for track in chosen:
         names = [m for m in track.methods if methods is None or m in methods]
         wanted = track.organs if organs is None else [o for o in organs if track.organs is None or o in track.organs]
-        if not names or not wanted:
+        if not names or wanted == []:  # None: every structure of the partition lists
             continue
         if preset == "btcv-fs":
             plan = _btcv_plan(wanted, shots, seeds, data, test_cases)
@@ -312,14 +312,28 @@ def plan_cells(
         for organ, k, seed, root, tests, support in plan:
             for name in names:
                 method, rank = parse_method(name)
+                draw = (k, seed, support)
                 if method == "zero-shot":
                     if organ in seen_zero_shot:
                         continue
                     seen_zero_shot.add(organ)
-                    k, seed, support = 0, seeds[0], None
+                    draw = (0, 0, None)  # the same cell whatever the seeds asked for
                 decoder = track.decoder if method in LOW_RANK_METHODS else "frozen"
                 cells.append(
-                    Cell(track.name, name, method, rank, organ, k, seed, root, tests, support, decoder, spec.protocol)
+                    Cell(
+                        track.name,
+                        name,
+                        method,
+                        rank,
+                        organ,
+                        draw[0],
+                        draw[1],
+                        root,
+                        tests,
+                        draw[2],
+                        decoder,
+                        spec.protocol,
+                    )
                 )
     return cells
 
