@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import resource
 import shutil
@@ -241,15 +242,12 @@ def check_rank(model: torch.nn.Module, method: str, options) -> None:
     """Refuse, before anything is allocated, a rank that no adapted layer can use: a layer of in x out weights
     has at most min(in, out) independent components (a Conv3d: min(in * kernel volume, out)). Without this,
     --rank 10000 grows until the kernel kills the process."""
-    from arenaseg.adapters.factory import DECODER_CONVS, LOW_RANK_METHODS, resolve_targets
+    from arenaseg.adapters.factory import LOW_RANK_METHODS, target_names
 
     if method not in LOW_RANK_METHODS:
         return
-    targets = resolve_targets(model, options.target_modules)
-    if getattr(options, "decoder", "frozen") == "lowrank":
-        targets += resolve_targets(model, DECODER_CONVS)
     sizes = []
-    for name in targets:
+    for name in target_names(model, options):
         m = model.get_submodule(name)
         if isinstance(m, torch.nn.Linear):
             sizes.append(min(m.in_features, m.out_features))
@@ -328,6 +326,11 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> dict:
     else:
         sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
         result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE)
+        if not math.isfinite(result.final_loss):
+            raise UserError(
+                f"training diverged: the loss is {result.final_loss} after {result.steps_done} steps; "
+                f"lower --lr (now {settings.lr}) or --head-lr-scale (now {settings.head_lr_scale})"
+            )
     trainable_while_training = 0 if zero_shot else adapted.trainable_params
     adapted.finalize()  # e.g. ARENA's pruning to the active rank
     save_adapter(adapted, out, job.preprocess.to_dict())
