@@ -139,7 +139,8 @@ def main() -> None:
 
     def volume_dice(step: int) -> None:
         metrics = evaluate_cases(adapted.model, data, organ, held_in, preprocess)
-        record["volume_dice"][str(step)] = {"mean": metrics["mean_dice"], **metrics["cases"]}
+        means = {k.removeprefix("mean_"): v for k, v in metrics.items() if k.startswith("mean_")}
+        record["volume_dice"][str(step)] = {"mean": metrics["mean_dice"], **means, **metrics["cases"]}
         print(f"step {step}: held-in volume Dice {metrics['mean_dice']:.1f}", flush=True)
 
     def probe_point(step: int) -> None:

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from arenaseg import pipeline
+from arenaseg.bench import grid as grid_module
 from arenaseg.bench import runner
 from arenaseg.bench.grid import (
     BTCV_ORGAN_ORDER,
     DEFAULT_METHODS,
     ERROR_FILE,
-    REPO_ROOT,
     RESULTS_FILE,
     committed_results,
     export_results,
@@ -33,6 +33,7 @@ from arenaseg.data.splits import BTCV_FS
 from arenaseg.models.foundation import save_foundation
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.train.loop import TrainSettings
+from arenaseg.utils.device import device_kind
 
 TEST_CASE = "phantom_0004"
 # What must agree between two runs of the same cell (timings, memory and device legitimately differ).
@@ -72,28 +73,39 @@ def test_parse_method_names():
         parse_method("mlp")
 
 
-def test_btcv_default_grid_is_organ_major_with_one_seed_for_whole_pools(shared_data):
+def test_btcv_default_grid_is_track_then_organ_major_with_one_seed_for_whole_pools(shared_data):
     data = shared_data / "btcv30"
     meta = json.loads((data / "dataset.json").read_text())
     present = {c["case"]: set(c["labels_present"]) for c in meta["cases"]}
-    eligible = {o: sum(meta["labels"][o] in present[c] for c in BTCV_FS.support_pool) for o in BTCV_ORGAN_ORDER}
+    organs = {"base": ("right_kidney", "aorta", "stomach"), "novel": BTCV_ORGAN_ORDER}
+    eligible = {
+        o: sum(meta["labels"][o] in present[c] for c in BTCV_FS.support_pool) for t in organs.values() for o in t
+    }
 
     cells = plan_cells("btcv-fs", None, None, None, None, data)
 
-    draws = list(dict.fromkeys((c.organ, c.shots, c.seed) for c in cells))
+    trained = [c for c in cells if c.name != "zero-shot"]
+    draws = list(dict.fromkeys((c.track, c.organ, c.shots, c.seed) for c in trained))
     expected_draws = [
-        (organ, k, seed)
-        for organ in BTCV_ORGAN_ORDER
+        (track, organ, k, seed)
+        for track in ("base", "novel")
+        for organ in organs[track]
         for k in (5, 1, 10)
         for seed in ((0, 1, 2) if k < eligible[organ] else (0,))
     ]
     assert draws == expected_draws
-    assert [c.name for c in cells] == [m for _ in expected_draws for m in DEFAULT_METHODS]
-    assert eligible["gallbladder"] == 9 and ("gallbladder", 10, 1) not in draws  # absent from btcv_0035
+    methods = {t: [m for m in DEFAULT_METHODS if any(c.track == t and c.name == m for c in cells)] for t in organs}
+    assert methods["base"] == [m for m in DEFAULT_METHODS if m != "scratch"]
+    assert methods["novel"] == [m for m in DEFAULT_METHODS if m != "zero-shot"]
+    zero_shot = [(c.organ, c.shots, c.seed) for c in cells if c.name == "zero-shot"]
+    assert zero_shot == [(o, 0, 0) for o in organs["base"]]  # one untrained cell per organ, whatever k and seed
+    assert eligible["gallbladder"] == 9 and ("novel", "gallbladder", 10, 1) not in draws  # absent from btcv_0035
     assert all(c.test_cases == BTCV_FS.test and c.support_cases is None for c in cells)
-    lora = next(c for c in cells if c.name == "lora-r64")
-    assert (lora.method, lora.rank) == ("lora", 64)
-    assert str(lora.rel_dir) == "cells/lora-r64/pancreas/k5/seed0"
+    assert {c.protocol for c in cells} == {"btcv-fs-v2"}
+    lora = next(c for c in cells if c.name == "lora-r64" and c.track == "novel")
+    assert (lora.method, lora.rank, lora.decoder) == ("lora", 64, grid_module.NOVEL_DECODER)
+    assert str(lora.rel_dir) == "cells/novel/lora-r64/pancreas/k5/seed0"
+    assert {c.decoder for c in cells if c.track == "base" or c.method in ("lp", "fft", "scratch")} == {"frozen"}
 
 
 def test_plan_rejects_bad_grids(tmp_path, shared_data):
@@ -102,8 +114,12 @@ def test_plan_rejects_bad_grids(tmp_path, shared_data):
         plan_cells("btcv", None, None, None, None, data)
     with pytest.raises(ValueError, match="shots repeat"):
         plan_cells("btcv-fs", ["lp"], ["pancreas"], [5, 5], None, data)
-    with pytest.raises(ValueError, match="not in the label map"):
+    with pytest.raises(ValueError, match=r"organs \['kidney'\] are in no chosen track"):
         plan_cells("btcv-fs", ["lp"], ["pancreas", "kidney"], None, None, data)
+    with pytest.raises(ValueError, match="method zero-shot is in no chosen track"):
+        plan_cells("btcv-fs", ["zero-shot"], ["pancreas"], None, None, data, tracks=["novel"])
+    with pytest.raises(ValueError, match="has no track 'new'"):
+        plan_cells("btcv-fs", ["lp"], ["pancreas"], None, None, data, tracks=["new"])
     with pytest.raises(ValueError, match="needs test cases"):
         plan_cells("btcv-fs", ["lp"], ["pancreas"], None, None, data, test_cases="none")
     with pytest.raises(ValueError, match="needs --partitions"):
@@ -142,7 +158,9 @@ def test_fseft_plan_draws_support_from_the_lists(tmp_path, shared_data):
         assert cell.data == str(subjects.resolve())
     job = cell_job(cells[0], tmp_path / "out", {"model": "model.safetensors"})
     assert job.support_cases == list(cells[0].support_cases) and job.test_cases == ["s0005"] and job.resume
-    assert job.out == str(tmp_path / "out" / "cells" / "lp" / "pancreas" / "k1" / "seed0")
+    assert job.out == str(
+        tmp_path / "out" / "cells" / "novel" / "arena-r4" / "pancreas" / "k1" / "seed0"
+    )  # track order
     with pytest.raises(ValueError, match=r"cannot set \['seed'\]"):
         cell_job(cells[0], tmp_path / "out", {"seed": 3})
     with pytest.raises(ValueError, match="has no default model: pass --model"):
@@ -307,11 +325,26 @@ def test_committed_gpu_results_never_count_for_a_cpu_bench(grid, in_process, tmp
     ]
 
 
-def test_preset_results_folder_follows_the_device_kind():
-    assert committed_results("btcv-fs", "cpu") == REPO_ROOT / "benchmarks/results/btcv-fs-cpu"
-    gpu = REPO_ROOT / "benchmarks/results/btcv-fs-gpu"
-    assert committed_results("btcv-fs", "gpu") == (gpu if gpu.is_dir() else None)
+def test_committed_results_are_found_in_the_named_checkout_only(tmp_path, monkeypatch):
+    """The preset's committed results are looked up under an explicit checkout (the working directory by default),
+    never inside the installed package; each device kind has its own folder, and a preset without one has none."""
+    monkeypatch.chdir(tmp_path)
+    assert committed_results("btcv-fs", "cpu") is None  # a working directory that is not a clone
+    (tmp_path / "benchmarks" / "results" / "btcv-fs-v2-cpu").mkdir(parents=True)
+    assert committed_results("btcv-fs", "cpu") == Path("benchmarks/results/btcv-fs-v2-cpu")
+    assert committed_results("btcv-fs", "gpu") is None
+    assert committed_results("btcv-fs", "gpu", tmp_path.parent) is None
     assert committed_results("totalseg-fseft", "cpu") is None
+
+
+def test_committed_cells_ran_on_the_device_kind_of_their_folder():
+    """Every committed cell record of the repository sits in the folder of the device kind it ran on."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    folders = [f for f in results.iterdir() if f.is_dir() and f.name.rsplit("-", 1)[-1] in ("cpu", "gpu")]
+    assert folders, f"no committed result folders in {results}"
+    for folder in folders:
+        kinds = {device_kind(json.loads(p.read_text())["device"]) for p in folder.rglob(pipeline.RUN_FILE)}
+        assert kinds <= {folder.name.rsplit("-", 1)[-1]}, folder
 
 
 @pytest.mark.slow

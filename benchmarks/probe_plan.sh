@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The probe runs behind protocol v2's global choices (docs/benchmark.md, criteria 1-3), JOBS at a time.
+# Each run is resumable and skipped once finished, so the script can be killed and started again at any point.
+# Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]   (phases: base novel lambda; default all)
+# On a lent GPU: JOBS=8 DEVICE=cuda bash benchmarks/probe_plan.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-2}
+DEVICE=${DEVICE:-cpu}
+PY=${PY:-.venv/bin/python}
+LOGS=${LOGS:-benchmarks/results/probe/logs}
+mkdir -p "$LOGS"
+
+runs() {
+  for phase in "$@"; do
+    case $phase in
+      base)  # criterion 1 (budget) and the base half of criterion 3 at the current lambda
+        for m in lora-r64 arena-r64 lora-r16 arena-r16 lora-r4 arena-r4 lp fft; do
+          echo "--organ right_kidney --method $m"; done ;;
+      novel)  # criterion 2: the decoder policy, LoRA and ARENA at r16
+        for d in frozen full lowrank; do for m in lora-r16 arena-r16; do
+          echo "--organ pancreas --method $m --decoder $d"; done; done ;;
+      lambda)  # criterion 3: lambda on the base organ (the novel organ follows once the decoder is chosen)
+        for lam in 0 0.1; do for m in arena-r16 arena-r64; do
+          echo "--organ right_kidney --method $m --lam $lam"; done; done ;;
+      *) echo "unknown phase $phase" >&2; exit 2 ;;
+    esac
+  done
+}
+
+phases=("$@")
+[ ${#phases[@]} -gt 0 ] || phases=(base novel lambda)
+runs "${phases[@]}" | {
+  while read -r args; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+    log="$LOGS/$(echo "$args" | tr ' ' '_' | tr -d '-').log"
+    echo "start: $args"
+    # shellcheck disable=SC2086  # $args holds several options on purpose
+    OMP_NUM_THREADS=1 $PY benchmarks/probe.py $args --steps 300 --every 50 --device "$DEVICE" >"$log" 2>&1 &
+  done
+  wait
+}
+$PY benchmarks/probe_report.py
