@@ -59,6 +59,15 @@ def resolve_targets(model: nn.Module, target_modules: str | Sequence[str]) -> li
     return names
 
 
+def target_names(model: nn.Module, options: AdaptOptions) -> list[str]:
+    """The modules a low-rank method adapts: ``target_modules``, and the decoder's convolutions too under the
+    ``lowrank`` decoder policy."""
+    targets = resolve_targets(model, options.target_modules)
+    if options.decoder == "lowrank":
+        targets += [t for t in resolve_targets(model, DECODER_CONVS) if t not in targets]
+    return targets
+
+
 def _output_head(model: nn.Module) -> nn.Module:
     try:
         return model.get_submodule(HEAD_NAME)
@@ -92,9 +101,7 @@ def adapt_model(model: nn.Module, method: str, options: AdaptOptions | None = No
 
     targets: list[str] = []
     if family.low_rank:
-        targets = resolve_targets(model, options.target_modules)
-        if options.decoder == "lowrank":
-            targets += [t for t in resolve_targets(model, DECODER_CONVS) if t not in targets]
+        targets = target_names(model, options)
         for name in targets:
             if name == HEAD_NAME or name.startswith(HEAD_NAME + "."):
                 raise ValueError(f"target_modules select the output head {HEAD_NAME!r}, which is trained in full")
