@@ -28,7 +28,8 @@ def job(phantoms: Path, model: Path, out: Path, **fields) -> pipeline.AdaptJob:
 
 
 def test_zero_shot_row_evaluates_the_model_s_own_class_without_training(phantoms, tiny_foundation, tmp_path):
-    record = pipeline.run_adapt(job(phantoms, tiny_foundation, tmp_path / "zs", method="zero-shot", shots=0))
+    zero_shot = job(phantoms, tiny_foundation, tmp_path / "zs", method="zero-shot", shots=0, track="base")
+    record = pipeline.run_adapt(zero_shot)
 
     assert (record["track"], record["steps_done"], record["trainable_params"], record["support_cases"]) == (
         "base",
@@ -44,6 +45,11 @@ def test_zero_shot_row_evaluates_the_model_s_own_class_without_training(phantoms
     head = adapted.network.get_submodule(HEAD_NAME)
     assert torch.equal(head.weight[0], full.weight[1] - full.weight[0])
     assert torch.equal(head.bias[0], full.bias[1] - full.bias[0])
+    # Training settings and method options cannot shape an untrained row: it stays the same cell under others.
+    other = dataclasses.replace(zero_shot, train=TrainSettings(steps=300), options=AdaptOptions(lam=0.1))
+    assert signature_mismatch(other, record) is None
+    other_precision = dataclasses.replace(zero_shot, train=TrainSettings(precision="bf16"))
+    assert "train.precision" in signature_mismatch(other_precision, record)
 
 
 def test_zero_shot_needs_k_0_and_an_organ_of_the_model(phantoms, tiny_foundation, tmp_path):

@@ -117,7 +117,9 @@ def job_signature(job: AdaptJob) -> dict:
     return _plain(
         {
             "method": job.method,
-            "options": asdict(dataclasses.replace(job.options, total_steps=settings.steps)),
+            **_trained_under(
+                job.method, asdict(dataclasses.replace(job.options, total_steps=settings.steps)), asdict(settings)
+            ),
             "track": job.track,
             "protocol": job.protocol,
             "organ": job.organ,
@@ -127,10 +129,17 @@ def job_signature(job: AdaptJob) -> dict:
             "model_sha256": model_digest(job.model),
             "test_cases": job.test_cases,
             "support_cases": job.support_cases,
-            "train": asdict(settings),
             "preprocess": settings_key(job.preprocess.to_dict()),
         }
     )
+
+
+def _trained_under(method: str, options: dict, train: dict) -> dict:
+    """The method options and training settings that shape a result: all of them, except for a zero-shot row,
+    which trains nothing and depends only on the precision it is evaluated in."""
+    if method == "zero-shot":
+        return {"options": None, "train": {"precision": train.get("precision")}}
+    return {"options": options, "train": train}
 
 
 def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
@@ -140,7 +149,8 @@ def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
     options = settings.get("options", {})
     actual = {
         "method": record.get("method"),
-        "options": options,
+        # an older cell, recorded before the precision setting, counts as fp32
+        **_trained_under(record.get("method"), options, recorded_settings(settings.get("train", {}))),
         "track": record.get("track"),
         "protocol": record.get("protocol"),
         "organ": record.get("organ"),
@@ -151,7 +161,6 @@ def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
         "test_cases": record.get("test_cases"),
         # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
         "support_cases": record.get("support_cases") if job.support_cases is not None else None,
-        "train": recorded_settings(settings.get("train", {})),  # an older fp32 cell still counts for fp32
         "preprocess": settings_key(settings.get("preprocess", {})),
     }
     actual = _plain(actual)  # a record as run_adapt returns it, or as run.json holds it
