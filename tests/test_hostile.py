@@ -499,3 +499,12 @@ def test_a_diverged_run_is_an_error_not_a_finished_run(cohort, model, tmp_path, 
     )  # what --lr 1e30 gives
     assert adapt(cohort, tmp_path / "run", model) == 2
     assert "training diverged" in error(capsys) and not (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_hand_edited_adapter_config_is_named(run, data, tmp_path, capsys):
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["options"]["rank"] = -1
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    image = data / "imagesTr" / "phantom_0001_0000.nii.gz"
+    assert main(["predict", "--run", str(run), "--input", str(image), "--output", str(tmp_path / "o.nii.gz")]) == 2
+    assert f"{run / 'adapter_config.json'}" in error(capsys)

@@ -447,7 +447,12 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
             )
     loaded = load_model(record["model"])
     replace_with_binary_head(loaded.model)
-    adapted = load_adapter(loaded.model, run_dir)
+    try:
+        adapted = load_adapter(loaded.model, run_dir)
+    except UserError:
+        raise
+    except (ValueError, KeyError) as err:  # a hand-edited config: the factory checks options with ValueError
+        raise UserError(f"{run_dir / 'adapter_config.json'} does not describe a usable adapter: {err!r}") from err
     adapted.model.to(resolve_device(device))
     return adapted, record
 
