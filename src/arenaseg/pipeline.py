@@ -137,7 +137,7 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             self.created = []
-            raise PermissionError(f"cannot create the run folder {self.out}: {err}") from err
+            raise PermissionError(f"run folder {self.out} is not writable (cannot create it): {err}") from err
         self.fd = os.open(self.out, os.O_RDONLY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
