@@ -138,8 +138,8 @@ def _trained_under(method: str, options: dict, train: dict) -> dict:
     """The method options and training settings that shape a result: all of them, except for a zero-shot row,
     which trains nothing and depends only on the precision it is evaluated in."""
     if method == "zero-shot":
-        return {"options": None, "train": {"precision": train.get("precision")}}
-    return {"options": options, "train": train}
+        return {"train": {"precision": train.get("precision")}, "options": None}
+    return {"train": train, "options": options}  # train first: its steps also set options.total_steps
 
 
 def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
