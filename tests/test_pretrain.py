@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from arenaseg.cli import main
 from arenaseg.models.foundation import load_foundation
 from arenaseg.train.distributed import init_distributed
+from arenaseg.utils.errors import UserError
 
 
 def _free_port() -> int:
@@ -64,8 +65,7 @@ def test_resume_continues_to_the_same_weights(phantoms, tmp_path, monkeypatch):
         return real(self, step, rank)
 
     monkeypatch.setattr(PatchSampler, "batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, "--out", str(tmp_path / "killed")])
+    assert main([*common, "--out", str(tmp_path / "killed")]) == 130  # Ctrl-C: one line, the state kept
     monkeypatch.setattr(PatchSampler, "batch", real)
     assert not (tmp_path / "killed.safetensors").exists() and (tmp_path / "killed.state.pt").exists()
     assert main([*common, "--out", str(tmp_path / "killed")]) == 2  # refuses to restart silently
@@ -98,7 +98,7 @@ def test_world_size_without_rendezvous_is_explained(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(UserError, match="torchrun"):
         init_distributed()
 
 
