@@ -17,6 +17,7 @@ from arenaseg.data.preprocess import INTENSITY_MODES, PreprocessSettings
 from arenaseg.evaluate.inference import KEEP_LARGEST_COMPONENT
 from arenaseg.utils.errors import UserError
 from arenaseg.utils.precision import DEFAULT_PRECISION
+from arenaseg.utils.provenance import git_commit
 
 
 def _finite(text: str) -> float:
@@ -711,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Users' mistakes (UserError, missing/existing/unwritable paths) print one line and exit 2; out of memory
     says which options lower it (exit 3); Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
+    git_commit()  # the code this process imports now, whatever the checkout does while it runs
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     main_thread = threading.current_thread() is threading.main_thread()

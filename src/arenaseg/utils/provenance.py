@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -10,19 +11,23 @@ from pathlib import Path
 import torch
 
 
+@functools.cache
 def git_commit() -> str:
-    """Short commit of this code. $ARENASEG_COMMIT, when set, wins: a working tree copied to another machine (e.g.
-    a rented GPU) may carry no .git, or a stale one that names an older commit."""
+    """Short commit of this code, read once per process (the CLI reads it at start), so that a long bench whose
+    checkout moves on records the code it imported; "-dirty" when the package's tracked files differed from it.
+    $ARENASEG_COMMIT, when set, wins: a working tree copied to another machine (e.g. a rented GPU) may carry no
+    .git, or a stale one that names an older commit."""
     if os.environ.get("ARENASEG_COMMIT"):
         return os.environ["ARENASEG_COMMIT"]
-    try:
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).parents[1]))
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
