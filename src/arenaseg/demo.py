@@ -3,6 +3,11 @@
 Phantom cohort -> the shipped phantom foundation model (pretrained on spleen, kidneys, gallbladder and pancreas,
 never on the liver) -> ARENA from 5 labelled phantoms -> Dice on held-out phantoms before and after, learned ranks,
 adapter size, a NIfTI and an overlay PNG.
+
+The demo's own settings (synthetic data: no benchmark protocol applies) differ from adapt's defaults in two ways,
+both measured on the demo's phantoms: ARENA also adapts the decoder's convolutions (``decoder="lowrank"``; with the
+decoder frozen, 40 steps left the training Dice loss at 0.69 and the held-out Dice at 37 %, the frozen decoder of
+a weakly pretrained model being what could not fit) and the lr is 3e-3 (1e-3 left the loss at 0.59 after 30 steps).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ MODEL = "phantom-demo"
 ORGAN = "liver"  # not among phantom-demo's classes: see its card
 SUPPORT = [f"phantom_{i:04d}" for i in range(1, 6)]
 TEST = [f"phantom_{i:04d}" for i in range(6, 10)]
-SETTINGS = TrainSettings(steps=40, patches_per_step=1, warmup_steps=4, seed=0)
+SETTINGS = TrainSettings(steps=40, patches_per_step=1, lr=3e-3, warmup_steps=4, seed=0)
+OPTIONS = AdaptOptions(rank=16, decoder="lowrank")
 
 
 def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
@@ -40,23 +46,23 @@ def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
     data = open_dataset(data_dir)
     print(f"phantom cohort: {data_dir} ({len(SUPPORT)} support, {len(TEST)} held-out cases)")
 
-    _, before_model, _, _ = build_adapted(MODEL, ORGAN, "arena", AdaptOptions(rank=16), settings.seed)
+    _, before_model, _, _ = build_adapted(MODEL, ORGAN, "arena", OPTIONS, settings.seed)
     before = evaluate_cases(before_model.model, data, ORGAN, TEST, PreprocessSettings())
     print(f"before adaptation (new {ORGAN} head on the foundation model): mean Dice {before['mean_dice']:.1f}%")
 
     job = AdaptJob(
         data=str(data_dir), organ=ORGAN, shots=len(SUPPORT), seed=0, method="arena", out=str(out / "run"),
-        model=MODEL, options=AdaptOptions(rank=16), test_cases=TEST, support_cases=SUPPORT, train=settings,
+        model=MODEL, options=OPTIONS, test_cases=TEST, support_cases=SUPPORT, train=settings,
         overwrite=True,
     )  # fmt: skip
     record = run_adapt(job)
     print(f"after ARENA from {len(SUPPORT)} labelled phantoms: mean Dice {record['mean_dice']:.1f}% "
-          f"(HD95 {record['mean_hd95']:.1f} mm)")  # fmt: skip
+          f"(HD95 {record['mean_hd95']:.1f} mm, NSD {record['mean_nsd']:.1f}%)")  # fmt: skip
 
     print("\nlearned rank per adapted layer (initial -> active):")
     for name, r in record["ranks"].items():
         print(f"  {name:<40} {r['initial']:>3} -> {r['active']:>3}")
-    print(f"  total active rank {record['active_rank_total']} of {16 * len(record['ranks'])}")
+    print(f"  total active rank {record['active_rank_total']} of {sum(r['initial'] for r in record['ranks'].values())}")
     model_bytes = (BUILTIN_DIR / f"{MODEL}.safetensors").stat().st_size
     print(f"\nadapter {record['adapter_bytes'] / 1024:.0f} KiB vs foundation model {model_bytes / 2**20:.1f} MiB "
           f"({record['trainable_params']:,} trainable of {record['total_params']:,} parameters)")  # fmt: skip
