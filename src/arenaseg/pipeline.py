@@ -205,9 +205,7 @@ class RunFolder:
         os.replace(self.work / RUN_FILE, self.out / RUN_FILE)
 
 
-def build_adapted(
-    model_name: str, organ: str, method: str, options: AdaptOptions, seed: int, track: str = "auto"
-):
+def build_adapted(model_name: str, organ: str, method: str, options: AdaptOptions, seed: int, track: str = "auto"):
     """Foundation model + binary head (started as ``track`` says) + method; returns (loaded checkpoint, adapted
     model, options, class row or None). ``zero-shot`` adapts as ``lp`` (its head is what a run saves) and is never
     trained; ``scratch`` is ``fft`` on the same network re-initialised at random, with a new head."""
@@ -415,7 +413,12 @@ def reference_mask(data: Dataset, case_id: str, organ: str) -> tuple[np.ndarray,
 
 
 def evaluate_cases(
-    model, data: Dataset, organ: str, case_ids: Sequence[str], preprocess: PreprocessSettings, precision: str = DEFAULT_PRECISION
+    model,
+    data: Dataset,
+    organ: str,
+    case_ids: Sequence[str],
+    preprocess: PreprocessSettings,
+    precision: str = DEFAULT_PRECISION,
 ) -> dict:
     """Each case predicted once (in the run's training ``precision``) and scored twice: as predicted (dice, hd95,
     nsd) and after keeping the largest connected component (dice_lcc, hd95_lcc, nsd_lcc), so one pass shows what
@@ -439,12 +442,12 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (no {RUN_FILE})")
     record = _read_run_record(run_dir / RUN_FILE)
     recorded_sha = record.get("adapter_sha256")  # absent from runs written before 2026-12-02
-    if recorded_sha and (run_dir / "adapter.safetensors").is_file():
-        if file_digest(run_dir / "adapter.safetensors") != recorded_sha:
-            raise UserError(
-                f"{run_dir / 'adapter.safetensors'} is not the adapter this run trained ({RUN_FILE} records another "
-                f"sha256): it was replaced, e.g. by another run's ({record.get('organ')} expected)"
-            )
+    adapter = run_dir / "adapter.safetensors"
+    if recorded_sha and adapter.is_file() and file_digest(adapter) != recorded_sha:
+        raise UserError(
+            f"{adapter} is not the adapter this run trained ({RUN_FILE} records another sha256): it was replaced, "
+            f"e.g. by another run's ({record.get('organ')} expected)"
+        )
     loaded = load_model(record["model"])
     replace_with_binary_head(loaded.model)
     try:

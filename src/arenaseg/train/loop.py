@@ -207,7 +207,7 @@ def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, sca
     if changed:
         saved = {k: state.get("options", {}).get(k) for k in changed}
         raise UserError(
-            f"{path} was trained with other method options ({saved}; now {({k: options[k] for k in changed})}): "
+            f"{path} was trained with other method options ({saved}; now { ({k: options[k] for k in changed}) }): "
             "resume with the options it started with, or start over"
         )
     params = dict(adapted.model.named_parameters())
