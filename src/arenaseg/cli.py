@@ -353,19 +353,21 @@ def add_bench_parsers(sub) -> None:
     p.add_argument(
         "--out", required=True, help="bench folder: cells/<track>/<method>/<organ>/k<k>/seed<s>/, results.csv"
     )
+
+    def per_track(field: str) -> str:
+        return "; ".join(f"{t.name}: {','.join(getattr(t, field))}" for t in btcv.tracks)
+
     p.add_argument(
         "--methods",
         default=None,
         help="comma-separated grid methods, NAME or NAME-rRANK, kept in each track that holds them (default: "
-        + "; ".join(f"{t.name}: {','.join(t.methods)}" for t in btcv.tracks)
-        + ")",
+        f"{per_track('methods')})",
     )
     p.add_argument(
         "--organs",
         default=None,
         help="comma-separated organs, kept in each track that holds them (default: btcv-fs: "
-        + "; ".join(f"{t.name}: {','.join(t.organs)}" for t in btcv.tracks)
-        + "; totalseg-fseft: every listed structure)",
+        f"{per_track('organs')}; totalseg-fseft: every listed structure)",
     )
     p.add_argument(
         "--tracks",
