@@ -35,8 +35,8 @@ def auc(is_fg: np.ndarray, scores: np.ndarray) -> float:
 
 def cell_logits(run_dir: Path, data) -> dict:
     adapted, record = load_run(run_dir)
-    organ, settings = record["organ"], PreprocessSettings(**_tuples(record["settings"]["preprocess"]))
-    volumes = load_cases(data, record["support_cases"], {organ: 1}, settings)
+    organ, settings = record.organ, PreprocessSettings.from_dict(record.preprocess)
+    volumes = load_cases(data, record.support_cases, {organ: 1}, settings)
     sampler = PatchSampler(volumes, settings, 2, seed=0)
     adapted.model.eval()
     logits, labels = [], []
@@ -52,13 +52,9 @@ def cell_logits(run_dir: Path, data) -> dict:
         "logit_fg": float(z[fg].mean()),
         "logit_bg": float(z[~fg].mean()),
         "logit_max": float(z.max()),
-        "dice": record.get("mean_dice"),
-        "final_loss": record.get("final_loss"),
+        "dice": record.mean_dice,
+        "final_loss": record.final_loss,
     }
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The probe runs behind protocol v2's global choices (docs/benchmark.md, criteria 1-3), JOBS at a time.
 # Each run is resumable and skipped once finished, so the script can be killed and started again at any point.
-# Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]   (phases: base novel lambda; default all)
+# Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
+#   phases, in the default order: budget novel ranks lambda (every family first, then the decoder policy)
 # On a lent GPU: JOBS=8 DEVICE=cuda bash benchmarks/probe_plan.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +15,11 @@ mkdir -p "$LOGS"
 runs() {
   for phase in "$@"; do
     case $phase in
-      base)  # criterion 1 (budget) and the base half of criterion 3 at the current lambda
-        for m in lora-r64 arena-r64 lora-r16 arena-r16 lora-r4 arena-r4 lp fft; do
+      budget)  # criterion 1 (budget): every method family on the base organ
+        for m in lora-r64 arena-r64 lp fft; do
+          echo "--organ right_kidney --method $m"; done ;;
+      ranks)  # the base half of criterion 3 at the current lambda, and the rank range
+        for m in lora-r16 arena-r16 lora-r4 arena-r4; do
           echo "--organ right_kidney --method $m"; done ;;
       novel)  # criterion 2: the decoder policy, LoRA and ARENA at r16
         for d in frozen full lowrank; do for m in lora-r16 arena-r16; do
@@ -29,7 +33,7 @@ runs() {
 }
 
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(base novel lambda)
+[ ${#phases[@]} -gt 0 ] || phases=(budget novel ranks lambda)
 runs "${phases[@]}" | {
   while read -r args; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done

@@ -17,6 +17,7 @@ LAYERS = {
     "utils": 0,
     "data": 1,
     "models": 1,
+    "run_record": 1,
     "optim": 2,
     "evaluate": 2,
     "adapters": 3,

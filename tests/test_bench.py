@@ -32,6 +32,7 @@ from arenaseg.data.phantom import make_phantom_dataset
 from arenaseg.data.splits import BTCV_FS
 from arenaseg.models.foundation import save_foundation
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
+from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import TrainSettings
 from arenaseg.utils.device import device_kind
 
@@ -254,8 +255,8 @@ def test_killed_and_resumed_grid_yields_exactly_one_row_per_cell(grid, in_proces
     assert all(float(r["seconds_per_step"]) > 0 for r in rows)
     lp, arena = sorted(rows, key=lambda r: r["method"] != "lp")
     assert lp["support_cases"] == arena["support_cases"] and TEST_CASE not in lp["support_cases"]  # one draw
-    record = json.loads((out / cells[1].rel_dir / pipeline.RUN_FILE).read_text())
-    assert arena["active_rank_total"] == str(sum(e["active"] for e in record["ranks"].values()))
+    record = RunRecord.read(out / cells[1].rel_dir / pipeline.RUN_FILE)
+    assert arena["active_rank_total"] == str(sum(e["active"] for e in record.ranks.values()))
     assert (arena["rank"], arena["base_method"], lp["rank"], lp["active_rank_total"]) == ("4", "arena", "", "")
     second = out / cells[1].rel_dir
     assert not (second / ERROR_FILE).exists() and not (second / pipeline.CHECKPOINT_FILE).exists()
@@ -292,13 +293,13 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     assert (summary.adopted, summary.ran, summary.failed) == (2, 0, [])
     assert read_rows(later) == read_rows(out)
 
-    record = json.loads((committed / cells[0].rel_dir / pipeline.RUN_FILE).read_text())
+    record = RunRecord.read(committed / cells[0].rel_dir / pipeline.RUN_FILE)
     assert signature_mismatch(cell_job(cells[0], later, overrides), record) is None
     other_model = cell_job(cells[0], later, {**overrides, "model": "btcv-fs"})
     assert "model" in signature_mismatch(other_model, record)
     other_steps = cell_job(cells[0], later, {**overrides, "train": replace(overrides["train"], steps=3)})
     assert "train" in signature_mismatch(other_steps, record)
-    retrained = {**record, "model_sha256": "0" * 64}  # same model name, other weights (e.g. a re-pretrained built-in)
+    retrained = replace(record, model_sha256="0" * 64)  # same model name, other weights (e.g. a re-pretrained built-in)
     assert "model_sha256" in signature_mismatch(cell_job(cells[0], later, overrides), retrained)
 
 

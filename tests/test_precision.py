@@ -14,6 +14,7 @@ from arenaseg.adapters import AdaptOptions, adapt_model
 from arenaseg.bench.grid import RESULT_COLUMNS, result_row
 from arenaseg.data.preprocess import PreprocessSettings
 from arenaseg.evaluate.inference import predict_volume
+from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import TrainSettings, train_adapter
 from arenaseg.utils import precision
 from arenaseg.utils.errors import UserError
@@ -141,8 +142,9 @@ def test_prediction_runs_the_forward_in_the_precision(phantoms) -> None:
 
 
 def test_results_csv_records_the_precision() -> None:
-    record = {"organ": "pancreas", "shots": 5, "seed": 0, "settings": {"train": {"steps": 100, "precision": "bf16"}}}
+    train = {"steps": 100, "precision": "bf16"}
+    record = RunRecord("arena", "pancreas", 5, 0, "btcv-fs", {"train": train, "preprocess": {}})
     assert "precision" in RESULT_COLUMNS
     assert result_row("arena-r16", record)["precision"] == "bf16"
-    del record["settings"]["train"]["precision"]  # a cell recorded before --precision existed ran in fp32
+    del train["precision"]  # a cell recorded before --precision existed ran in fp32
     assert result_row("arena-r16", record)["precision"] == "fp32"

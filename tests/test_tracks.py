@@ -31,13 +31,8 @@ def test_zero_shot_row_evaluates_the_model_s_own_class_without_training(phantoms
     zero_shot = job(phantoms, tiny_foundation, tmp_path / "zs", method="zero-shot", shots=0, track="base")
     record = pipeline.run_adapt(zero_shot)
 
-    assert (record["track"], record["steps_done"], record["trainable_params"], record["support_cases"]) == (
-        "base",
-        0,
-        0,
-        [],
-    )
-    assert record["final_loss"] is None and record["mean_dice"] is not None
+    assert (record.track, record.steps_done, record.trainable_params, record.support_cases) == ("base", 0, 0, [])
+    assert record.final_loss is None and record.mean_dice is not None
     # The run's head is the foundation model's liver row against background, untouched.
     base, _ = load_foundation(tiny_foundation)
     full = base.get_submodule(HEAD_NAME)
@@ -137,5 +132,5 @@ def test_resume_under_other_method_options_is_refused(phantoms, tiny_foundation,
         pipeline.run_adapt(changed)
     assert (out / pipeline.CHECKPOINT_FILE).is_file()
     record = pipeline.run_adapt(dataclasses.replace(first, resume=True))
-    assert record["settings"]["options"]["lam"] == first.options.lam
+    assert record.options["lam"] == first.options.lam
     assert json.loads((out / pipeline.RUN_FILE).read_text())["steps_done"] == 2

@@ -200,16 +200,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     record = run_adapt(job)
-    print(f"support cases: {', '.join(record['support_cases'])}")
-    print(f"trainable parameters: {record['trainable_params']:,}; {record['seconds_per_step']:.2f} s/step")
-    if "active_rank_total" in record:
-        print(f"ARENA total active rank: {record['active_rank_total']}")
-    if "mean_dice" in record:
+    print(f"support cases: {', '.join(record.support_cases)}")
+    print(f"trainable parameters: {record.trainable_params:,}; {record.seconds_per_step:.2f} s/step")
+    if record.active_rank_total is not None:
+        print(f"ARENA total active rank: {record.active_rank_total}")
+    if record.evaluated:
         print(
-            f"mean Dice {record['mean_dice']:.2f}%  mean HD95 {record['mean_hd95']:.2f} mm  "
-            f"mean NSD {record['mean_nsd']:.2f}% on {len(record['test_cases'])} test cases; largest component "
-            f"only: Dice {record['mean_dice_lcc']:.2f}%  HD95 {record['mean_hd95_lcc']:.2f} mm  "
-            f"NSD {record['mean_nsd_lcc']:.2f}%"
+            f"mean Dice {record.mean_dice:.2f}%  mean HD95 {record.mean_hd95:.2f} mm  "
+            f"mean NSD {record.mean_nsd:.2f}% on {len(record.test_cases)} test cases; largest component "
+            f"only: Dice {record.mean_dice_lcc:.2f}%  HD95 {record.mean_hd95_lcc:.2f} mm  "
+            f"NSD {record.mean_nsd_lcc:.2f}%"
         )
     print(f"wrote {args.out}")
     return 0

@@ -56,16 +56,16 @@ def run_demo(out: str | Path, steps: int = SETTINGS.steps) -> dict:
         overwrite=True,
     )  # fmt: skip
     record = run_adapt(job)
-    print(f"after ARENA from {len(SUPPORT)} labelled phantoms: mean Dice {record['mean_dice']:.1f}% "
-          f"(HD95 {record['mean_hd95']:.1f} mm, NSD {record['mean_nsd']:.1f}%)")  # fmt: skip
+    print(f"after ARENA from {len(SUPPORT)} labelled phantoms: mean Dice {record.mean_dice:.1f}% "
+          f"(HD95 {record.mean_hd95:.1f} mm, NSD {record.mean_nsd:.1f}%)")  # fmt: skip
 
     print("\nlearned rank per adapted layer (initial -> active):")
-    for name, r in record["ranks"].items():
+    for name, r in record.ranks.items():
         print(f"  {name:<40} {r['initial']:>3} -> {r['active']:>3}")
-    print(f"  total active rank {record['active_rank_total']} of {sum(r['initial'] for r in record['ranks'].values())}")
+    print(f"  total active rank {record.active_rank_total} of {sum(r['initial'] for r in record.ranks.values())}")
     model_bytes = (BUILTIN_DIR / f"{MODEL}.safetensors").stat().st_size
-    print(f"\nadapter {record['adapter_bytes'] / 1024:.0f} KiB vs foundation model {model_bytes / 2**20:.1f} MiB "
-          f"({record['trainable_params']:,} trainable of {record['total_params']:,} parameters)")  # fmt: skip
+    print(f"\nadapter {record.adapter_bytes / 1024:.0f} KiB vs foundation model {model_bytes / 2**20:.1f} MiB "
+          f"({record.trainable_params:,} trainable of {record.total_params:,} parameters)")  # fmt: skip
 
     from arenaseg.pipeline import load_run
 

@@ -39,6 +39,7 @@ from arenaseg.evaluate.inference import (
 )
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
+from arenaseg.run_record import METRICS, RunRecord
 from arenaseg.train.loop import TrainResult, TrainSettings, train_adapter
 from arenaseg.utils.atomic import write_json
 from arenaseg.utils.device import resolve_device
@@ -258,13 +259,13 @@ def check_rank(model: torch.nn.Module, method: str, options) -> None:
         )
 
 
-def run_adapt(job: AdaptJob) -> dict:
+def run_adapt(job: AdaptJob) -> RunRecord:
     """Adapt, save the adapter, evaluate, and write run.json (returned); --out is locked while it runs."""
     with RunFolder(Path(job.out)) as folder:
         return _adapt(job, folder)
 
 
-def _adapt(job: AdaptJob, folder: RunFolder) -> dict:
+def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
     """Everything the user gave (data, model, options) is checked before the run folder is touched."""
     from arenaseg.adapters import save_adapter
 
@@ -334,53 +335,49 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> dict:
     save_adapter(adapted, out, job.preprocess.to_dict())
     report = adapted.rank_report()
 
-    record = {
-        "method": job.method,
-        "track": track,
-        "protocol": job.protocol,
-        "organ": organ,
-        "shots": job.shots,
-        "seed": job.seed,
-        "support_cases": list(draw.cases),
-        "support_note": draw.note,
-        "test_cases": tests,
-        "model": job.model,
-        "model_sha256": file_digest(loaded.source),  # a name like btcv-fs can be retrained: this pins the weights
-        "zero_shot_head_row": row[0] if row else None,
-        "settings": {
-            "train": asdict(settings),
-            "preprocess": job.preprocess.to_dict(),
-            "options": asdict(options),
-        },
-        "data": str(data.root),
-        "trainable_params": trainable_while_training,
-        # after ARENA's pruning; equal for the other methods (0 for zero-shot)
-        "active_params": trainable_while_training and adapted.trainable_params,
-        "total_params": adapted.total_params,
-        "steps_done": result.steps_done,
-        "stopped_early": result.stopped_early,
-        "final_loss": result.final_loss,
-        "seconds_per_step": result.seconds_per_step,
-        "train_seconds": round(result.train_seconds, 1),
-        "peak_mem_mb": peak_memory_mb(device),
-        "device": device_name(device),
-        "git_commit": git_commit(),
-        "adapter_bytes": (out / "adapter.safetensors").stat().st_size,
-        "adapter_sha256": file_digest(out / "adapter.safetensors"),  # predict refuses an adapter put in its place
-        "rank_report": report,
-    }
+    record = RunRecord(
+        method=job.method,
+        track=track,
+        protocol=job.protocol,
+        organ=organ,
+        shots=job.shots,
+        seed=job.seed,
+        support_cases=list(draw.cases),
+        support_note=draw.note,
+        test_cases=tests,
+        model=job.model,
+        model_sha256=file_digest(loaded.source),
+        zero_shot_head_row=row[0] if row else None,
+        settings={"train": asdict(settings), "preprocess": job.preprocess.to_dict(), "options": asdict(options)},
+        data=str(data.root),
+        trainable_params=trainable_while_training,
+        active_params=trainable_while_training and adapted.trainable_params,
+        total_params=adapted.total_params,
+        steps_done=result.steps_done,
+        stopped_early=result.stopped_early,
+        final_loss=result.final_loss,
+        seconds_per_step=result.seconds_per_step,
+        train_seconds=round(result.train_seconds, 1),
+        peak_mem_mb=peak_memory_mb(device),
+        device=device_name(device),
+        git_commit=git_commit(),
+        adapter_bytes=(out / "adapter.safetensors").stat().st_size,
+        adapter_sha256=file_digest(out / "adapter.safetensors"),
+        rank_report=report,
+    )
     if job.method == "arena":
-        record["ranks"] = {
+        record.ranks = {
             name: {"initial": e["initial_rank"], "active": e["active_rank"]} for name, e in report["layers"].items()
         }
-        record["active_rank_total"] = report["totals"]["active_rank"]
+        record.active_rank_total = report["totals"]["active_rank"]
     if tests:
         t0 = time.time()
         metrics = evaluate_cases(adapted.model, data, organ, tests, job.preprocess, settings.precision)
         write_json(out / METRICS_FILE, metrics)
-        record.update({k: v for k, v in metrics.items() if k.startswith("mean_")})  # mean_dice: as predicted
-        record["eval_seconds"] = round(time.time() - t0, 1)
-    write_json(out / RUN_FILE, record)
+        for name in METRICS:  # mean_dice: as predicted; mean_dice_lcc: the largest component only
+            setattr(record, name, metrics[name])
+        record.eval_seconds = round(time.time() - t0, 1)
+    record.write(out / RUN_FILE)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return record
 
@@ -440,15 +437,15 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (no {RUN_FILE})")
-    record = _read_run_record(run_dir / RUN_FILE)
-    recorded_sha = record.get("adapter_sha256")  # absent from runs written before 2026-12-02
+    record = RunRecord.read(run_dir / RUN_FILE)
+    recorded_sha = record.adapter_sha256  # absent from runs written before 2026-12-02
     adapter = run_dir / "adapter.safetensors"
     if recorded_sha and adapter.is_file() and file_digest(adapter) != recorded_sha:
         raise UserError(
             f"{adapter} is not the adapter this run trained ({RUN_FILE} records another sha256): it was replaced, "
-            f"e.g. by another run's ({record.get('organ')} expected)"
+            f"e.g. by another run's ({record.organ} expected)"
         )
-    loaded = load_model(record["model"])
+    loaded = load_model(record.model)
     replace_with_binary_head(loaded.model)
     try:
         adapted = load_adapter(loaded.model, run_dir)
@@ -460,22 +457,9 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return adapted, record
 
 
-def _read_run_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    missing = [k for k in ("model", "settings", "organ") if not isinstance(record, dict) or k not in record]
-    if missing or "preprocess" not in record["settings"]:
-        raise UserError(f"{path} is not a run record of arenaseg adapt: no {(missing or ['settings.preprocess'])[0]!r}")
-    return record
-
-
 def zero_shot_model(model_name: str, organ: str, device: str = "auto"):
     """The foundation model with the binary head that `adapt` starts from (the organ's class row), and the
     preprocessing its card records (the default settings when it has no card)."""
-    import json
-
     from arenaseg.models.registry import class_row, load_model
 
     loaded = load_model(model_name)
@@ -508,7 +492,7 @@ def run_predict(
     else:
         adapted, record = load_run(run_dir, device)
         model = adapted.model
-        preprocess = PreprocessSettings.from_dict(record["settings"]["preprocess"])  # the run's own, never the user's
+        preprocess = PreprocessSettings.from_dict(record.preprocess)  # the run's own, never the user's
     written = []
     for src, dst in zip(inputs, outputs, strict=True):
         labels = predict_volume(model, src, preprocess, head="sigmoid", precision=precision)

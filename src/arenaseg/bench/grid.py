@@ -8,7 +8,6 @@ tree and results.csv is only a view of it (`rebuild_results`): a killed bench ca
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read_fseft_list
 from arenaseg.pipeline import METRICS_FILE, REFERENCE_METHODS, RUN_FILE, resolve_test_cases, support_pool
+from arenaseg.run_record import METRICS, RunRecord
 from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import atomic_path
 from arenaseg.utils.errors import UserError
@@ -426,44 +426,40 @@ def _check_labels(root: Path, structure: str, lines: list[tuple[str, str]]) -> N
             raise FileNotFoundError(f"label of subject {_subject(image)} not found: {path}")
 
 
-def result_row(name: str, record: dict) -> dict:
-    """One results.csv row from a finished cell's run.json (missing values are empty, never invented)."""
+def result_row(name: str, record: RunRecord) -> dict:
+    """One results.csv row from a finished cell's record (missing values are empty, never invented)."""
     method, rank = parse_method(name)
-    settings = record.get("settings", {})
-    train, preprocess = settings.get("train", {}), settings.get("preprocess", {})
-    totals = record.get("rank_report", {}).get("totals", {})
-    eval_seconds = record.get("eval_seconds")
-    options = settings.get("options", {})
+    train, preprocess, options = record.train, record.preprocess, record.options
     row = {
-        "track": record.get("track"),
+        "track": record.track,
         "method": name,
         "base_method": method,
         "rank": rank,
-        "organ": record["organ"],
-        "shots": record["shots"],
-        "seed": record["seed"],
-        "mean_dice": record.get("mean_dice"),
-        "mean_hd95": record.get("mean_hd95"),
-        **{k: record.get(k) for k in ("mean_nsd", "mean_dice_lcc", "mean_hd95_lcc", "mean_nsd_lcc")},
-        "trainable_params": record.get("trainable_params"),
-        "active_rank_total": record.get("active_rank_total"),
-        "active_adapter_params": totals.get("params") if method in LOW_RANK_METHODS else None,
-        "adapter_bytes": record.get("adapter_bytes"),
-        "seconds_per_step": record.get("seconds_per_step"),
-        "peak_mem_mb": record.get("peak_mem_mb"),
-        "train_seconds": record.get("train_seconds"),
-        "wall_s": None if eval_seconds is None else round(record["train_seconds"] + eval_seconds, 1),
-        "steps_done": record.get("steps_done"),
-        "stopped_early": record.get("stopped_early"),
-        "final_loss": record.get("final_loss"),
-        "whole_pool": record.get("support_note") is not None,
-        "support_cases": ";".join(record.get("support_cases", [])),
-        "test_cases": ";".join(record.get("test_cases", [])),
-        "device": record.get("device"),
+        "organ": record.organ,
+        "shots": record.shots,
+        "seed": record.seed,
+        **{metric: getattr(record, metric) for metric in METRICS},
+        "trainable_params": record.trainable_params,
+        "active_rank_total": record.active_rank_total,
+        "active_adapter_params": record.rank_report.get("totals", {}).get("params")
+        if method in LOW_RANK_METHODS
+        else None,
+        "adapter_bytes": record.adapter_bytes,
+        "seconds_per_step": record.seconds_per_step,
+        "peak_mem_mb": record.peak_mem_mb,
+        "train_seconds": record.train_seconds,
+        "wall_s": None if record.eval_seconds is None else round(record.train_seconds + record.eval_seconds, 1),
+        "steps_done": record.steps_done,
+        "stopped_early": record.stopped_early,
+        "final_loss": record.final_loss,
+        "whole_pool": record.support_note is not None,
+        "support_cases": ";".join(record.support_cases),
+        "test_cases": ";".join(record.test_cases),
+        "device": record.device,
         "precision": recorded_settings(train)["precision"],
-        "commit": record.get("git_commit"),
-        "model": record.get("model"),
-        "model_sha256": (record.get("model_sha256") or "")[:12] or None,
+        "commit": record.git_commit,
+        "model": record.model,
+        "model_sha256": (record.model_sha256 or "")[:12] or None,
         "loss": {True: "dice+ce", False: "dice"}.get(train.get("cross_entropy")),
         "steps": train.get("steps"),
         "patches_per_step": train.get("patches_per_step"),
@@ -475,7 +471,7 @@ def result_row(name: str, record: dict) -> dict:
         "decoder": options.get("decoder", "frozen") if method in LOW_RANK_METHODS else None,
         "lam": options.get("lam") if method == "arena" else None,
         "rho": options.get("rho") if method == "arena" else None,
-        "protocol": record.get("protocol"),
+        "protocol": record.protocol,
     }
     return {k: "" if v is None else v for k, v in row.items()}
 
@@ -487,13 +483,13 @@ def _first(values):
     return values[0] if len(set(values)) == 1 else "x".join(map(str, values))
 
 
-def finished_cells(out: str | os.PathLike) -> list[tuple[Path, dict]]:
-    """(cell folder, run.json record) of every finished cell under ``out``; the folder must match the record."""
+def finished_cells(out: str | os.PathLike) -> list[tuple[Path, RunRecord]]:
+    """(cell folder, record) of every finished cell under ``out``; the folder must match the record."""
     found = []
     for path in sorted(Path(out).glob(f"{CELLS_DIR}/*/*/*/k*/seed*/{RUN_FILE}")):
-        record = json.loads(path.read_text())
+        record = RunRecord.read(path)
         track, name, organ, k, seed = path.parent.parts[-5:]
-        expected = cell_dir(record.get("track"), name, record["organ"], record["shots"], record["seed"])
+        expected = cell_dir(record.track, name, record.organ, record.shots, record.seed)
         if Path(CELLS_DIR, track, name, organ, k, seed) != expected:
             raise UserError(f"{path} records {expected} but lies in {path.parent}: a misplaced cell folder")
         found.append((path.parent, record))

@@ -8,7 +8,6 @@ of different (protocol, precision) never share a table: each such group gets its
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from arenaseg.bench.grid import (
     rebuild_results,
 )
 from arenaseg.pipeline import RUN_FILE
+from arenaseg.run_record import RunRecord
 from arenaseg.utils.atomic import atomic_path, write_text
 from arenaseg.utils.errors import UserError
 from arenaseg.utils.precision import DEFAULT_PRECISION
@@ -440,7 +440,7 @@ def learned_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[tuple[st
             continue
         run = out / cell_dir(r["track"], method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
         if run.is_file():
-            for layer, entry in json.loads(run.read_text()).get("ranks", {}).items():
+            for layer, entry in (RunRecord.read(run).ranks or {}).items():
                 ranks.setdefault((layer, r["organ"]), []).append(entry["active"])
     return {key: statistics.fmean(values) for key, values in ranks.items()}
 

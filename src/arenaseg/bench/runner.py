@@ -22,6 +22,7 @@ from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_res
 from arenaseg.data.preprocess import file_digest, settings_key
 from arenaseg.models.registry import model_file
 from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
+from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import write_text
 from arenaseg.utils.device import device_kind, resolve_device
@@ -142,26 +143,25 @@ def _trained_under(method: str, options: dict, train: dict) -> dict:
     return {"train": train, "options": options}  # train first: its steps also set options.total_steps
 
 
-def signature_mismatch(job: AdaptJob, record: dict) -> str | None:
-    """The first setting in which run.json ``record`` differs from ``job``, as a message; None when it fits."""
+def signature_mismatch(job: AdaptJob, record: RunRecord) -> str | None:
+    """The first setting in which a finished cell's ``record`` differs from ``job``, as a message; None when it
+    fits."""
     expected = job_signature(job)
-    settings = record.get("settings", {})
-    options = settings.get("options", {})
     actual = {
-        "method": record.get("method"),
+        "method": record.method,
         # an older cell, recorded before the precision setting, counts as fp32
-        **_trained_under(record.get("method"), options, recorded_settings(settings.get("train", {}))),
-        "track": record.get("track"),
-        "protocol": record.get("protocol"),
-        "organ": record.get("organ"),
-        "shots": record.get("shots"),
-        "seed": record.get("seed"),
-        "model": record.get("model"),
-        "model_sha256": record.get("model_sha256"),
-        "test_cases": record.get("test_cases"),
+        **_trained_under(record.method, record.options, recorded_settings(record.train)),
+        "track": record.track,
+        "protocol": record.protocol,
+        "organ": record.organ,
+        "shots": record.shots,
+        "seed": record.seed,
+        "model": record.model,
+        "model_sha256": record.model_sha256,
+        "test_cases": record.test_cases,
         # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
-        "support_cases": record.get("support_cases") if job.support_cases is not None else None,
-        "preprocess": settings_key(settings.get("preprocess", {})),
+        "support_cases": record.support_cases if job.support_cases is not None else None,
+        "preprocess": settings_key(record.preprocess),
     }
     actual = _plain(actual)  # a record as run_adapt returns it, or as run.json holds it
     for key, want in expected.items():
@@ -233,7 +233,7 @@ def run_bench(
     for job in jobs:
         run_json = Path(job.out) / RUN_FILE
         if run_json.is_file():
-            mismatch = signature_mismatch(job, json.loads(run_json.read_text()))
+            mismatch = signature_mismatch(job, RunRecord.read(run_json))
             if mismatch:
                 raise UserError(f"{job.out} finished with other settings ({mismatch}); use another --out")
             summary.finished_before += 1
@@ -276,10 +276,10 @@ def _adopt(job: AdaptJob, out: Path, source: Path, summary: BenchSummary, kind: 
     committed = source / rel
     if not (committed / RUN_FILE).is_file():
         return False
-    record = json.loads((committed / RUN_FILE).read_text())
+    record = RunRecord.read(committed / RUN_FILE)
     mismatch = signature_mismatch(job, record)
-    if mismatch is None and device_kind(record.get("device")) != kind:
-        mismatch = f"it ran on {record.get('device')}, this bench runs on a {kind}"
+    if mismatch is None and device_kind(record.device) != kind:
+        mismatch = f"it ran on {record.device}, this bench runs on a {kind}"
     if mismatch:
         summary.not_adopted.append(f"{rel}: {mismatch}")
         return False

@@ -1,0 +1,42 @@
+"""The run record's schema: every committed run.json reads under it, and a file that is not a record is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from arenaseg.run_record import RunRecord
+from arenaseg.utils.errors import UserError
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def test_every_committed_run_json_reads_and_round_trips():
+    paths = sorted(RESULTS.rglob("run.json"))
+    assert paths, f"no committed cells under {RESULTS}"
+    for path in paths:
+        data = json.loads(path.read_text())
+        record = RunRecord.read(path)
+        assert {k: v for k, v in record.to_dict().items() if k in data} == data, path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("organ"), "no 'organ'"),
+        (lambda d: d.update(mean_dcie=50.0), "keys it does not know: \\['mean_dcie'\\]"),
+        (lambda d: d["settings"].pop("preprocess"), "no 'settings.preprocess'"),
+    ],
+)
+def test_a_file_that_is_not_a_record_is_refused_by_name(tmp_path, change, message):
+    data = RunRecord("lp", "liver", 1, 0, "phantom-demo", {"train": {}, "preprocess": {}}).to_dict()
+    change(data)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=f"{path} is not a run record of arenaseg adapt: {message}"):
+        RunRecord.read(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a list"):
+        RunRecord.read(path)
