@@ -32,7 +32,7 @@ MODEL = "phantom-demo"
 ORGAN = "liver"  # not among phantom-demo's classes: see its card
 SUPPORT = [f"phantom_{i:04d}" for i in range(1, 6)]
 TEST = [f"phantom_{i:04d}" for i in range(6, 10)]
-SETTINGS = TrainSettings(steps=40, patches_per_step=1, lr=3e-3, warmup_steps=4, seed=0)
+SETTINGS = TrainSettings(steps=30, patches_per_step=1, lr=3e-3, warmup_steps=4, seed=0)
 OPTIONS = AdaptOptions(rank=16, decoder="lowrank")
 
 
