@@ -26,7 +26,7 @@ def test_every_committed_run_json_reads_and_round_trips():
     ("change", "message"),
     [
         (lambda d: d.pop("organ"), "no 'organ'"),
-        (lambda d: d.update(mean_dcie=50.0), "keys it does not know: \\['mean_dcie'\\]"),
+        (lambda d: d.update(mean_dcie=50.0), "unknown RunRecord keys \\['mean_dcie'\\]"),
         (lambda d: d["settings"].pop("preprocess"), "no 'settings.preprocess'"),
     ],
 )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arenaseg.utils.atomic import write_json
+from arenaseg.utils.dataclass_json import from_json
 from arenaseg.utils.errors import UserError
 
 # The means over test cases that `evaluate.metrics.summarise` gives: as predicted, then the largest component only.
@@ -92,16 +93,13 @@ class RunRecord:
         """A record from its JSON form; anything that is not one is a UserError naming ``source``."""
         if not isinstance(data, dict):
             raise UserError(f"{source} is not a run record of arenaseg adapt: it holds a {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
         required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
         missing = [name for name in required if name not in data]
-        if unknown or missing:
-            what = f"no {missing[0]!r}" if missing else f"keys it does not know: {unknown}"
-            raise UserError(f"{source} is not a run record of arenaseg adapt: {what}")
-        if not isinstance(data["settings"], dict) or "preprocess" not in data["settings"]:
-            raise UserError(f"{source} is not a run record of arenaseg adapt: no 'settings.preprocess'")
-        return cls(**data)
+        if not missing and not (isinstance(data["settings"], dict) and "preprocess" in data["settings"]):
+            missing = ["settings.preprocess"]
+        if missing:
+            raise UserError(f"{source} is not a run record of arenaseg adapt: no {missing[0]!r}")
+        return from_json(cls, data, error=UserError, where=f"{source} is not a run record of arenaseg adapt: ")
 
     @classmethod
     def read(cls, path: str | Path) -> RunRecord:

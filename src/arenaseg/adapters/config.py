@@ -1,4 +1,4 @@
-"""The adaptation methods' configuration, PEFT-style: plain dataclasses that import nothing else of arenaseg.
+"""The adaptation methods' configuration, PEFT-style: dataclasses that import nothing of arenaseg but its JSON helper.
 
 One name per concept, each defined once here (the other classes reuse its field, default and rule):
 
@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from arenaseg.utils.dataclass_json import from_json
 
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 DECODER_POLICIES = ("frozen", "full", "lowrank")
@@ -108,11 +110,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Any:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise cls.error(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return from_json(cls, d, error=cls.error)
 
 
 class _Scaled:

@@ -41,6 +41,7 @@ from monai.transforms import (
 )
 
 from arenaseg.data.datasets import Case, Dataset
+from arenaseg.utils.dataclass_json import from_json
 from arenaseg.utils.errors import UserError
 
 INTENSITY_MODES = ("ct", "percentile", "zscore")
@@ -69,7 +70,7 @@ class PreprocessSettings:
     @classmethod
     def from_dict(cls, values: Mapping) -> PreprocessSettings:
         """From ``to_dict``'s JSON form (lists for tuples); records written before ``intensity`` existed are CT."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return from_json(cls, values, error=UserError, tuples=True)
 
 
 def settings_key(values: Mapping) -> dict:

@@ -11,6 +11,8 @@ from monai.networks.nets.swin_unetr import PatchMergingV2
 from torch import nn
 from torch.nn import functional as F
 
+from arenaseg.utils.dataclass_json import from_json
+
 HEAD_NAME = "out.conv.conv"
 
 
@@ -58,12 +60,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
+        return from_json(cls, d, tuples=True)
 
 
 def build_swin_unetr(config: ModelConfig) -> SwinUNETR:
