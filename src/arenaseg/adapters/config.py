@@ -1,4 +1,4 @@
-"""The adaptation methods' configuration, PEFT-style: dataclasses that import nothing of arenaseg but its JSON helper.
+"""The adaptation methods' configuration, PEFT-style: dataclasses that import no adapter code (only utils and optim).
 
 One name per concept, each defined once here (the other classes reuse its field, default and rule):
 
@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from arenaseg.optim.proximal import V_GRADIENTS  # the optimizer owns the directions of its step on v
 from arenaseg.utils.dataclass_json import from_json
 
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 DECODER_POLICIES = ("frozen", "full", "lowrank")
-V_GRADIENTS = ("adam", "plain")  # the direction of ARENA's step on v (``arenaseg.optim.proximal``)
 
 
 def _is_int(value: object, minimum: int) -> bool:
