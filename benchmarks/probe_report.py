@@ -48,7 +48,7 @@ def row(run: dict) -> str:
             run["organ"],
             run["method"],
             fmt(run["options"].get("lam"), 2) if run["method"].startswith("arena") else "–",
-            run["options"].get("decoder", "frozen"),
+            "–" if run["method"].split("-")[0] in ("lp", "fft", "scratch") else run["options"].get("decoder", "frozen"),
             f"{run['trainable_params']:,}",
             f"{len(run['loss'])}" + ("" if "finished" in run else " (running)"),
             fmt(tail_loss(run["loss"]), 3),
