@@ -181,7 +181,7 @@ class LoadStructuresd(MapTransform):
             label[torch.from_numpy(mask)] = value
         from monai.data import MetaTensor
 
-        d[self.label_key] = MetaTensor(label[None], affine=image.affine, meta=dict(image.meta))
+        d[self.label_key] = MetaTensor(label[None], meta=dict(image.meta))  # the image's meta holds its affine
         return d
 
 
