@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The probe runs behind protocol v2's global choices (docs/benchmark.md, criteria 1-3), JOBS at a time.
 # Each run is resumable and skipped once finished, so the script can be killed and started again at any point.
+# Checkpoints are gitignored; at a session's end, commit a low-rank run's with `git add -f` (about 1 MB) to resume it.
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
 #   phases, in the default order: budget novel ranks lambda (every family first, then the decoder policy)
 # On a lent GPU: JOBS=8 DEVICE=cuda bash benchmarks/probe_plan.sh
