@@ -2,8 +2,9 @@
 
 For each run: the held-in patch Dice curve, the held-in whole-volume Dice at the start and the end, the training
 loss (mean of the last 25 steps), ARENA's active rank, and, replayed on the recorded loss, the step at which each
-candidate stopping rule (the training loop's own PlateauStop) would have stopped. This is the evidence that the
-protocol's global choices cite (docs/benchmark.md). Not a test.
+candidate stopping rule (the training loop's own PlateauStop) would have stopped. Then the global choices, applied
+mechanically by docs/benchmark.md's written criteria (1 as amended, 2, 3 and 5), or the runs each still waits for:
+this is the evidence that the protocol's choices cite. Not a test.
 Usage: python benchmarks/probe_report.py [--folder benchmarks/results/probe]
 """
 
@@ -19,7 +20,15 @@ from matplotlib.figure import Figure
 
 from arenaseg.train.loop import PlateauStop
 
-RULES = ((25, 1e-3), (50, 1e-3), (50, 1e-2))  # (patience in steps, min_delta) of PlateauStop, EMA 0.9
+RULES = tuple((p, d) for p in (25, 50) for d in (1e-3, 1e-2))  # (patience, min_delta) of PlateauStop, EMA 0.9
+CAPS = (100, 200, 300)  # criterion 1's candidate step caps
+MARGIN = 2.0  # criterion 1: patch-Dice points below a run's best trained point
+POLICIES = ("frozen", "full", "lowrank")  # criterion 2's decoder policies
+POLICY_MARGIN = 2.0  # criterion 2: volume-Dice points within which fewer parameters win
+LAMBDAS = (0.0, 0.1, 0.3)  # criterion 3's candidates
+PROBE_LAM = 0.3  # the lambda in effect when the criteria were written: the budget and decoder runs use it
+RANK_MARGIN, LOSS_MARGIN = 1.0, 0.02  # criterion 3: r64 vs r16 volume Dice; r16 final loss vs lambda 0's
+BASE_ORGAN, NOVEL_ORGAN = "right_kidney", "pancreas"
 
 
 def stop_step(losses: list[float], patience: int, min_delta: float) -> int | None:
@@ -66,6 +75,173 @@ def row(run: dict) -> str:
 def _with_lcc(means: dict, metric: str) -> str:
     """'raw / largest component' of a held-in volume metric (criterion 5 of docs/benchmark.md)."""
     return f"{fmt(means.get(metric))} / {fmt(means.get(metric + '_lcc'))}"
+
+
+def family(run: dict) -> str:
+    return run["method"].split("-")[0]
+
+
+def decoder(run: dict) -> str | None:
+    """The decoder policy of a low-rank run; None for head-only and full-network runs."""
+    return None if family(run) in ("lp", "fft", "scratch") else run["options"].get("decoder", "frozen")
+
+
+def lam(run: dict) -> float | None:
+    return run["options"]["lam"] if family(run) == "arena" else None
+
+
+def describe(organ: str, method: str, lam_: float | None = None, decoder_: str | None = None) -> str:
+    return " ".join([organ, method, *([f"λ {lam_:g}"] if lam_ is not None else []), *([decoder_] if decoder_ else [])])
+
+
+def find(runs: list[dict], organ: str, method: str, lam_: float | None = None, decoder_: str = "frozen"):
+    """The finished run of that setting, or None."""
+    setting = (organ, method, lam_)
+    return next(
+        (
+            r
+            for r in runs
+            if (r["organ"], r["method"], lam(r)) == setting and decoder(r) in (None, decoder_) and "finished" in r
+        ),
+        None,
+    )
+
+
+def end_dice(run: dict) -> float:
+    volume = run["volume_dice"]
+    return volume[max(volume, key=int)]["mean"]
+
+
+def best_trained(run: dict) -> float:
+    """The best held-in patch Dice at a trained probe point (criterion 1 as amended: the start does not count)."""
+    return max(d for step, d in run["patch_dice"] if step > 0)
+
+
+def patch_at(run: dict, step: int) -> float:
+    """Patch Dice at the last probe point at or before ``step``."""
+    return [d for s, d in run["patch_dice"] if s <= step][-1]
+
+
+def choose_decoder(runs: list[dict]) -> tuple[str | None, list[str]]:
+    """Criterion 2: the highest held-in volume Dice averaged over LoRA r16 and ARENA r16 on the novel organ; a
+    policy within POLICY_MARGIN of the best with fewer trainable parameters wins."""
+    wanted = {
+        (p, m): find(runs, NOVEL_ORGAN, m, PROBE_LAM if m.startswith("arena") else None, p)
+        for p in POLICIES
+        for m in ("lora-r16", "arena-r16")
+    }
+    missing = [
+        describe(NOVEL_ORGAN, m, PROBE_LAM if m.startswith("arena") else None, p)
+        for (p, m), run in wanted.items()
+        if run is None
+    ]
+    if missing:
+        return None, [f"waits for: {', '.join(missing)}"]
+    score = {p: (wanted[p, "lora-r16"], wanted[p, "arena-r16"]) for p in POLICIES}
+    dice = {p: (end_dice(a) + end_dice(b)) / 2 for p, (a, b) in score.items()}
+    params = {p: (a["trainable_params"] + b["trainable_params"]) / 2 for p, (a, b) in score.items()}
+    best = max(dice.values())
+    chosen = min((p for p in POLICIES if dice[p] >= best - POLICY_MARGIN), key=params.get)
+    return chosen, [f"{p}: mean volume Dice {dice[p]:.1f}, {params[p]:,.0f} trainable" for p in POLICIES]
+
+
+def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | None, tuple | None, list[str]]:
+    """Criterion 1 as amended: the smallest cap at which every counted run's patch Dice is within MARGIN of its
+    best trained point, then the stopping rule among RULES that never stops a run at a point more than MARGIN
+    below its best (judged at the last probe point at or before the stop); of those, the one that saves the most
+    steps. Counted: every finished base-organ run, and the novel organ's under the chosen decoder policy."""
+    if chosen_decoder is None:
+        return None, None, ["waits for the decoder policy (criterion 2)"]
+    counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1]
+    counted = [r for r in counted if r["track"] == "base" or decoder(r) in (None, chosen_decoder)]
+    lines = []
+    cap = next((c for c in CAPS if all(patch_at(r, c) >= best_trained(r) - MARGIN for r in counted)), None)
+    for c in CAPS:
+        short = [
+            f"{r['organ']} {r['method']} ({best_trained(r) - patch_at(r, c):.2f} below)"
+            for r in counted
+            if patch_at(r, c) < best_trained(r) - MARGIN
+        ]
+        lines.append(f"cap {c}: " + (f"too short for {', '.join(short)}" if short else "every counted run within"))
+    if cap is None:
+        return None, None, lines
+    qualifying = {}
+    for patience, delta in RULES:
+        stops = [(r, stop_step(r["loss"][:cap], patience, delta)) for r in counted]
+        if all(s is None or patch_at(r, s) >= best_trained(r) - MARGIN for r, s in stops):
+            qualifying[patience, delta] = sum(cap - (s or cap) for _, s in stops)
+        lines.append(
+            f"patience {patience}, δ {delta:g}: stops at "
+            + ", ".join("–" if s is None else str(s) for _, s in stops)
+            + ("" if (patience, delta) in qualifying else " (stops a run too early)")
+        )
+    rule = max(qualifying, key=qualifying.get) if qualifying else None
+    return cap, rule, [f"counted: {', '.join(describe(r['organ'], r['method'], lam(r)) for r in counted)}", *lines]
+
+
+def choose_lambda(runs: list[dict], chosen_decoder: str | None) -> tuple[float | None, list[str]]:
+    """Criterion 3: the largest lambda at which ARENA r64's held-in volume Dice is not more than RANK_MARGIN
+    below r16's on both organs while r16's final training loss (last 25 steps) is within LOSS_MARGIN of lambda 0's;
+    if none, the lambda with the best mean volume Dice over both ranks and organs."""
+    if chosen_decoder is None:
+        return None, ["waits for the decoder policy (criterion 2)"]
+    organs = ((BASE_ORGAN, "frozen"), (NOVEL_ORGAN, chosen_decoder))
+    wanted = {(o, m, x): find(runs, o, m, x, d) for o, d in organs for m in ("arena-r16", "arena-r64") for x in LAMBDAS}
+    missing = [describe(o, m, x, dict(organs)[o]) for (o, m, x), run in wanted.items() if run is None]
+    if missing:
+        return None, [f"waits for: {', '.join(missing)}"]
+    lines, qualifying = [], []
+    for x in LAMBDAS:
+        gaps = {o: end_dice(wanted[o, "arena-r64", x]) - end_dice(wanted[o, "arena-r16", x]) for o, _ in organs}
+        fits = {
+            o: tail_loss(wanted[o, "arena-r16", x]["loss"]) - tail_loss(wanted[o, "arena-r16", 0.0]["loss"])
+            for o, _ in organs
+        }
+        if all(g >= -RANK_MARGIN for g in gaps.values()) and all(f <= LOSS_MARGIN for f in fits.values()):
+            qualifying.append(x)
+        lines.append(
+            f"λ {x:g}: r64 − r16 volume Dice "
+            + ", ".join(f"{o} {g:+.1f}" for o, g in gaps.items())
+            + "; r16 loss − λ 0's "
+            + ", ".join(f"{o} {f:+.3f}" for o, f in fits.items())
+        )
+    if qualifying:
+        return max(qualifying), lines
+    mean = {x: statistics.fmean(end_dice(wanted[k]) for k in wanted if k[2] == x) for x in LAMBDAS}
+    return max(mean, key=mean.get), [*lines, "no λ qualifies: the best mean volume Dice decides"]
+
+
+def check_largest_component(runs: list[dict]) -> tuple[str | None, list[str]]:
+    """Criterion 5: on if, over the finished runs' end points, the largest component raises the mean held-in
+    volume Dice and lowers the mean HD95."""
+    ends = [r["volume_dice"][max(r["volume_dice"], key=int)] for r in runs if "finished" in r]
+    if not ends:
+        return None, ["waits for a finished run"]
+    mean = {k: statistics.fmean(e[k] for e in ends) for k in ("dice", "dice_lcc", "hd95", "hd95_lcc")}
+    on = mean["dice_lcc"] > mean["dice"] and mean["hd95_lcc"] < mean["hd95"]
+    return "on" if on else "off", [
+        f"over {len(ends)} runs: Dice {mean['dice']:.1f} → {mean['dice_lcc']:.1f}, "
+        f"HD95 {mean['hd95']:.1f} → {mean['hd95_lcc']:.1f} mm"
+    ]
+
+
+def choices(runs: list[dict]) -> list[str]:
+    """The markdown section that applies the written criteria to the runs."""
+    chosen_decoder, decoder_lines = choose_decoder(runs)
+    cap, rule, budget_lines = choose_budget(runs, chosen_decoder)
+    chosen_lam, lam_lines = choose_lambda(runs, chosen_decoder)
+    rule_text = "no plateau stop" if rule is None else f"PlateauStop patience {rule[0]}, min_delta {rule[1]:g}"
+    sections = [
+        ("Criterion 2, decoder policy (novel track)", chosen_decoder, decoder_lines),
+        ("Criterion 1 as amended, step budget", None if cap is None else f"{cap} steps, {rule_text}", budget_lines),
+        ("Criterion 3, ARENA's λ", None if chosen_lam is None else f"{chosen_lam:g}", lam_lines),
+        ("Criterion 5, largest-component post-processing", *check_largest_component(runs)),
+    ]
+    lines = ["## Choices by the written criteria (docs/benchmark.md)", ""]
+    for title, value, evidence in sections:
+        lines += [f"- **{title}**: {value or 'not yet decidable'}"]
+        lines += [f"  - {line}" for line in evidence]
+    return lines
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -118,6 +294,8 @@ def main() -> None:
         *(row(r) for r in runs),
         "",
         "![training loss and held-in patch Dice](probe.png)",
+        "",
+        *choices(runs),
     ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     plot(runs, folder / "probe.png")

@@ -1,0 +1,86 @@
+"""The probe's written criteria applied by benchmarks/probe_report.py (docs/benchmark.md): synthetic runs whose
+right answer is known."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("probe_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(organ, method, patch=(), dice=50.0, lam=0.3, decoder="frozen", params=1000, loss=0.5, finished=True):
+    """A probe JSON as benchmarks/probe.py writes it (only the fields the criteria read)."""
+    record = {
+        "organ": organ,
+        "track": "base" if organ == "right_kidney" else "novel",
+        "method": method,
+        "options": {"lam": lam, "decoder": decoder},
+        "trainable_params": params,
+        "patch_dice": [[0, 50.0], *patch],
+        "loss": [loss] * 300,
+        "volume_dice": {"300": {"mean": dice, "dice": dice, "dice_lcc": dice + 1, "hd95": 50.0, "hd95_lcc": 20.0}},
+    }
+    return {**record, "finished": "2026-12-02 12:00"} if finished else record
+
+
+def novel(report, dice_by_policy, params_by_policy):
+    return [
+        run("pancreas", m, [[100, 10.0], [300, 10.0]], dice_by_policy[p], decoder=p, params=params_by_policy[p])
+        for p in report.POLICIES
+        for m in ("lora-r16", "arena-r16")
+    ]
+
+
+def test_decoder_waits_for_missing_runs_and_prefers_fewer_parameters_within_the_margin(report):
+    params = {"frozen": 10, "full": 1000, "lowrank": 100}
+    runs = novel(report, {"frozen": 5.0, "full": 30.0, "lowrank": 28.5}, params)
+    assert report.choose_decoder(runs)[0] == "lowrank"  # 1.5 points below full, 10x fewer parameters
+    assert report.choose_decoder(novel(report, {"frozen": 5.0, "full": 30.0, "lowrank": 27.5}, params))[0] == "full"
+    chosen, lines = report.choose_decoder(runs[:-1])
+    assert chosen is None and "pancreas arena-r16 λ 0.3 lowrank" in lines[0]
+
+
+def test_budget_is_the_smallest_cap_within_the_margin_of_each_runs_best_trained_point(report):
+    slow = run("right_kidney", "fft", [[100, 60.0], [200, 64.5], [300, 66.0]])
+    # the start (50) beats every trained point: the amended criterion ignores it
+    flat = run("right_kidney", "lp", [[100, 44.0], [200, 45.0], [300, 44.5]])
+    decided = novel(report, {"frozen": 5.0, "full": 30.0, "lowrank": 1.0}, {"frozen": 1, "full": 2, "lowrank": 3})
+    cap, rule, _ = report.choose_budget([slow, flat, *decided], "full")
+    assert cap == 200 and rule is None  # a constant loss plateaus at once: every rule stops fft at step <= 50
+    assert report.choose_budget([slow, flat], None)[0] is None
+
+
+def test_lambda_is_the_largest_that_keeps_r64_beside_r16_while_r16_still_fits(report):
+    def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
+        return [
+            run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
+            run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder),
+        ]
+
+    runs = [
+        *arena("right_kidney", "frozen", 60, 55, 0.0),
+        *arena("right_kidney", "frozen", 60, 59.5, 0.1),
+        *arena("right_kidney", "frozen", 60, 60, 0.3, loss16=0.6),  # no longer fits its support patches
+        *arena("pancreas", "lowrank", 20, 18, 0.0),
+        *arena("pancreas", "lowrank", 20, 19.2, 0.1),
+        *arena("pancreas", "lowrank", 20, 20, 0.3),
+    ]
+    assert report.choose_lambda(runs, "lowrank")[0] == 0.1
+    assert report.choose_lambda(runs[:-1], "lowrank")[0] is None
+
+
+def test_largest_component_is_on_only_if_it_raises_dice_and_lowers_hd95(report):
+    assert report.check_largest_component([run("right_kidney", "lp")])[0] == "on"
+    worse = run("right_kidney", "lp")
+    worse["volume_dice"]["300"]["hd95_lcc"] = 80.0
+    assert report.check_largest_component([worse])[0] == "off"
+    assert report.check_largest_component([run("right_kidney", "lp", finished=False)])[0] is None
