@@ -93,6 +93,33 @@ def test_cells_carry_track_decoder_and_protocol_into_the_job(phantoms, tmp_path)
     )
 
 
+def test_grid_wide_choices_reach_every_cell_but_the_base_decoder_stays_frozen(phantoms, tmp_path):
+    """`arenaseg bench --novel-decoder/--lam`: the probe's global choices given on the command line."""
+    cells = plan_cells(
+        "btcv-fs",
+        ["lora-r4", "fft"],
+        ["right_kidney", "pancreas"],
+        [1],
+        [0],
+        phantoms,
+        test_cases=TESTS,
+        novel_decoder="lowrank",
+    )
+    assert [(c.track, c.name, c.decoder) for c in cells] == [
+        ("base", "fft", "frozen"),
+        ("base", "lora-r4", "frozen"),
+        ("novel", "fft", "frozen"),
+        ("novel", "lora-r4", "lowrank"),
+    ]
+    jobs = [cell_job(c, tmp_path, {"options": {"lam": 0.05, "decoder": "full"}}) for c in cells]
+    assert [(j.options.lam, j.options.rank, j.options.decoder) for j in jobs] == [
+        (0.05, AdaptOptions().rank, "frozen"),  # the cell's decoder policy wins over the grid's options
+        (0.05, 4, "frozen"),
+        (0.05, AdaptOptions().rank, "frozen"),
+        (0.05, 4, "lowrank"),
+    ]
+
+
 def test_a_cell_counts_only_when_every_option_protocol_and_track_match(phantoms, tiny_foundation, tmp_path):
     """A finished run's record against the bench's job: any method option (rho, v_gradient, alpha, freeze_pruned,
     decoder, ...), the protocol or the track differing makes it another cell."""

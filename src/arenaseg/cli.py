@@ -307,6 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tracks=_csv(args.tracks) if args.tracks else None,
         test_cases=tests,
         partitions=args.partitions,
+        novel_decoder=args.novel_decoder,
     )
     if args.results_from == "preset":
         kind = device_kind(resolve_device(args.device))
@@ -317,7 +318,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results_from = None if args.results_from == "none" else args.results_from
     overrides = {
         "model": preset_model(args.preset, args.model),
-        "train": TrainSettings(steps=args.steps, precision=args.precision),
+        "train": TrainSettings(
+            steps=args.steps,
+            stop_patience=args.stop_patience,
+            stop_min_delta=args.stop_min_delta,
+            precision=args.precision,
+        ),
+        "options": {"lam": args.lam},
         "preprocess": _preprocess(args),
         "cache_dir": args.cache_dir,
         "device": args.device,
@@ -338,6 +345,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_bench_parsers(sub) -> None:
+    from arenaseg.adapters import AdaptOptions
+    from arenaseg.adapters.config import DECODER_POLICIES
     from arenaseg.bench.grid import PRESETS
     from arenaseg.train.loop import TrainSettings
 
@@ -373,7 +382,7 @@ def add_bench_parsers(sub) -> None:
         "--tracks",
         default=None,
         help="comma-separated tracks: base (the model's own organs, head from its class row; zero-shot is a row) "
-        f"and novel (new organs, new head; decoder policy {btcv.track('novel').decoder}) (default: every track "
+        "and novel (new organs, new head; decoder policy: --novel-decoder) (default: every track "
         "of the preset)",
     )
     p.add_argument("--shots", default=None, help=f"comma-separated k (default: {','.join(map(str, btcv.shots))})")
@@ -404,8 +413,33 @@ def add_bench_parsers(sub) -> None:
         default=None,
         help="address of an existing Ray cluster (default: none: a local Ray instance when --workers > 1)",
     )
+    train = TrainSettings()
+    p.add_argument("--steps", type=int, default=train.steps, help="training steps per cell (default: %(default)s)")
     p.add_argument(
-        "--steps", type=int, default=TrainSettings().steps, help="training steps per cell (default: %(default)s)"
+        "--stop-patience",
+        type=int,
+        default=train.stop_patience,
+        help="end a cell once its smoothed training loss has not improved for this many steps; 0 = the step cap "
+        "alone (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stop-min-delta",
+        type=float,
+        default=train.stop_min_delta,
+        help="the improvement that --stop-patience counts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=AdaptOptions().lam,
+        help="ARENA's sparsity weight λ, one value for every cell (default: %(default)s)",
+    )
+    p.add_argument(
+        "--novel-decoder",
+        default=btcv.track("novel").decoder,
+        choices=DECODER_POLICIES,
+        help="decoder policy of the novel track's low-rank methods; the base track's decoder stays frozen "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--model",

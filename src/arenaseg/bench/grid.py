@@ -240,6 +240,7 @@ def plan_cells(
     tracks: Sequence[str] | None = None,
     test_cases: str | Sequence[str] = "auto",
     partitions: str | os.PathLike | None = None,
+    novel_decoder: str | None = None,
 ) -> list[Cell]:
     """Every cell of the grid, track-major, then organ-major (organ, k, seed, method) so that one organ's complete
     comparison finishes before the next organ starts. None takes the preset's default; ``methods`` and ``organs``
@@ -250,6 +251,8 @@ def plan_cells(
     the same protocol run on other nnU-Net data, e.g. phantoms). Where k >= the organ's eligible pool, the whole
     pool is used once, under the first seed. ``totalseg-fseft``: FSEFT's subject lists under ``partitions``
     (``totalseg_selected/<structure>_train.txt`` / ``_test.txt``), support drawn by ``fseft_support``.
+    ``novel_decoder`` replaces the novel track's decoder policy (default: the preset's); the base track keeps
+    its decoder frozen.
     """
     spec = get_preset(preset)
     chosen = [spec.track(t) for t in _unique("tracks", tracks if tracks is not None else [t.name for t in spec.tracks])]
@@ -298,7 +301,8 @@ def plan_cells(
                         continue
                     seen_zero_shot.add(organ)
                     draw = (0, 0, None)  # the same cell whatever the seeds asked for
-                decoder = track.decoder if method in LOW_RANK_METHODS else "frozen"
+                policy = novel_decoder if novel_decoder is not None and track.name == "novel" else track.decoder
+                decoder = policy if method in LOW_RANK_METHODS else "frozen"
                 cells.append(
                     Cell(
                         track.name,

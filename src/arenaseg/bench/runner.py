@@ -72,16 +72,20 @@ class BenchSummary:
 
 
 def cell_job(cell: Cell, out: str | os.PathLike, overrides: dict | None = None) -> AdaptJob:
-    """The `run_adapt` job of a cell; ``overrides`` set the grid-wide fields (model, train, preprocess, ...).
+    """The `run_adapt` job of a cell; ``overrides`` set the grid-wide fields (model, train, preprocess, ...) and
+    ``options``, a dict of method options for every cell (e.g. a global ``lam``) beside the cell's own rank and
+    decoder policy.
 
     ``resume`` is always on: a cell folder holding a checkpoint is an interrupted run of this very cell.
     """
     overrides = dict(overrides or {})
+    grid_options = overrides.pop("options", {})
     allowed = sorted({f.name for f in dataclasses.fields(AdaptJob)} - CELL_FIELDS)
     bad = sorted(set(overrides) - set(allowed))
     if bad:
-        raise ValueError(f"job_overrides cannot set {bad}; they may set {allowed}")
-    options = AdaptOptions(decoder=cell.decoder, **({"rank": cell.rank} if cell.rank is not None else {}))
+        raise ValueError(f"job_overrides cannot set {bad}; they may set options, {allowed}")
+    cell_sets = {"decoder": cell.decoder, **({"rank": cell.rank} if cell.rank is not None else {})}
+    options = AdaptOptions(**{**grid_options, **cell_sets})
     return AdaptJob(
         data=cell.data,
         organ=cell.organ,
