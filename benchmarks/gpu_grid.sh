@@ -9,6 +9,7 @@
 # line per phase are packed into $OUT/gpu_results.tar.gz (or ./gpu_results.tar.gz without $OUT).
 #
 # Environment: DATA (btcv30 folder), SECONDS_BUDGET (default 480), STEPS (default: the global default),
+# BENCH_ARGS (more `arenaseg bench` options for every process, e.g. the probe's choices: gpu_v2.sh),
 # DEVICE (default cuda), METHODS, ORGANS_A, ORGANS_B, SHOTS_A, SHOTS_B, SEEDS, THREADS_A, THREADS_B, WORK,
 # RESULTS_FROM (default none; preset adopts the committed benchmarks/results/btcv-fs-v2-gpu cells), and
 # ARENASEG_COMMIT (the commit of the copied code; the copy's .git may be stale).
@@ -34,9 +35,9 @@ END=$((SECONDS + BUDGET))
 bench() {  # organ seed shots threads
     local name=$1_s$2
     timeout --signal=INT $((END - SECONDS > 0 ? END - SECONDS : 1)) \
-        python3 -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
+        "${PY:-python3}" -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
         --organs "$1" --seeds "$2" --shots "$3" --methods "$METHODS" --workers 1 --results-from "$RESULTS_FROM" \
-        --device "$DEVICE" --threads "$4" $STEPS_ARG >>"$WORK/logs/$name.log" 2>&1
+        --device "$DEVICE" --threads "$4" $STEPS_ARG ${BENCH_ARGS:-} >>"$WORK/logs/$name.log" 2>&1
 }
 
 phase() {  # label organs shots threads

@@ -5,7 +5,7 @@ loss (mean of the last 25 steps), ARENA's active rank, and, replayed on the reco
 candidate stopping rule (the training loop's own PlateauStop) would have stopped. Then the global choices, applied
 mechanically by docs/benchmark.md's written criteria (1 as amended, 2, 3 and 5), or the runs each still waits for:
 this is the evidence that the protocol's choices cite. Not a test.
-Usage: python benchmarks/probe_report.py [--folder benchmarks/results/probe]
+Usage: python benchmarks/probe_report.py [--folder benchmarks/results/probe] [--decoder | --bench-arguments]
 """
 
 from __future__ import annotations
@@ -225,6 +225,23 @@ def check_largest_component(runs: list[dict]) -> tuple[str | None, list[str]]:
     ]
 
 
+def bench_arguments(runs: list[dict]) -> str | None:
+    """The `arenaseg bench` options that carry the choices to a grid, or None while a probe run is unfinished
+    (criterion 1 counts every finished run: a choice made before all are in could change) or a choice waits."""
+    if any("finished" not in r for r in runs):
+        return None
+    chosen_decoder = choose_decoder(runs)[0]
+    cap, rule, _ = choose_budget(runs, chosen_decoder)
+    chosen_lam = choose_lambda(runs, chosen_decoder)[0]
+    if None in (chosen_decoder, cap, chosen_lam):
+        return None
+    patience, delta = rule if rule is not None else (0, 1e-3)
+    return (
+        f"--novel-decoder {chosen_decoder} --steps {cap} --stop-patience {patience} --stop-min-delta {delta:g} "
+        f"--lam {chosen_lam:g}"
+    )
+
+
 def choices(runs: list[dict]) -> list[str]:
     """The markdown section that applies the written criteria to the runs."""
     chosen_decoder, decoder_lines = choose_decoder(runs)
@@ -267,11 +284,31 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="benchmarks/results/probe", help="probe JSON folder (default: %(default)s)")
+    parser.add_argument(
+        "--bench-arguments",
+        action="store_true",
+        help="only print the `arenaseg bench` options of the choices; exit 1 while any is not decidable",
+    )
+    parser.add_argument(
+        "--decoder", action="store_true", help="only print the chosen decoder policy; exit 1 while not decidable"
+    )
     args = parser.parse_args()
     folder = Path(args.folder)
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not runs:
         raise SystemExit(f"no probe runs in {folder}")
+    if args.decoder:
+        chosen = choose_decoder(runs)[0]
+        if chosen is None:
+            raise SystemExit("the decoder policy is not decidable yet: see the README's Choices section")
+        print(chosen)
+        return
+    if args.bench_arguments:
+        arguments = bench_arguments(runs)
+        if arguments is None:
+            raise SystemExit("the probe's choices are not all decidable yet: see the README's Choices section")
+        print(arguments)
+        return
     runs.sort(key=lambda r: (r["track"], r["organ"], r["method"], r["options"].get("lam", 0)))
     rules = " / ".join(f"patience {p}, δ {d:g}" for p, d in RULES)
     lines = [

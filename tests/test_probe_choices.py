@@ -59,14 +59,15 @@ def test_budget_is_the_smallest_cap_within_the_margin_of_each_runs_best_trained_
     assert report.choose_budget([slow, flat], None)[0] is None
 
 
-def test_lambda_is_the_largest_that_keeps_r64_beside_r16_while_r16_still_fits(report):
-    def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
-        return [
-            run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
-            run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder),
-        ]
+def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
+    return [
+        run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
+        run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder),
+    ]
 
-    runs = [
+
+def lambda_runs():
+    return [
         *arena("right_kidney", "frozen", 60, 55, 0.0),
         *arena("right_kidney", "frozen", 60, 59.5, 0.1),
         *arena("right_kidney", "frozen", 60, 60, 0.3, loss16=0.6),  # no longer fits its support patches
@@ -74,6 +75,10 @@ def test_lambda_is_the_largest_that_keeps_r64_beside_r16_while_r16_still_fits(re
         *arena("pancreas", "lowrank", 20, 19.2, 0.1),
         *arena("pancreas", "lowrank", 20, 20, 0.3),
     ]
+
+
+def test_lambda_is_the_largest_that_keeps_r64_beside_r16_while_r16_still_fits(report):
+    runs = lambda_runs()
     assert report.choose_lambda(runs, "lowrank")[0] == 0.1
     assert report.choose_lambda(runs[:-1], "lowrank")[0] is None
 
@@ -84,3 +89,15 @@ def test_largest_component_is_on_only_if_it_raises_dice_and_lowers_hd95(report):
     worse["volume_dice"]["300"]["hd95_lcc"] = 80.0
     assert report.check_largest_component([worse])[0] == "off"
     assert report.check_largest_component([run("right_kidney", "lp", finished=False)])[0] is None
+
+
+def test_bench_arguments_carry_every_choice_once_every_run_is_finished(report):
+    runs = [
+        run("right_kidney", "fft", [[100, 60.0], [200, 64.5], [300, 66.0]]),
+        *novel(report, {"frozen": 5.0, "full": 20.0, "lowrank": 19.0}, {"frozen": 1, "full": 9, "lowrank": 3}),
+        *lambda_runs(),
+    ]
+    assert report.bench_arguments(runs) == (
+        "--novel-decoder lowrank --steps 200 --stop-patience 0 --stop-min-delta 0.001 --lam 0.1"
+    )
+    assert report.bench_arguments([*runs, run("right_kidney", "lp", finished=False)]) is None
