@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case $STAGE in
   probe)
     rm -f benchmarks/results/probe/logs/*.log
-    JOBS=${JOBS:-16} DATA=.gpu/probe/btcv30 timeout --signal=INT "$BUDGET" bash benchmarks/probe_plan.sh
+    JOBS=${JOBS:-16} DATA=.gpu/probe/btcv30 DEADLINE=$(($(date +%s) + BUDGET)) bash benchmarks/probe_plan.sh
     "$PY" benchmarks/probe_report.py
     "$PY" benchmarks/probe_report.py --bench-arguments | tee "$OUT/bench_args.txt"
     tar czf "$OUT/probe.tar.gz" -C benchmarks/results probe --exclude '*.checkpoint.pt'

@@ -100,11 +100,6 @@ def main() -> None:
     given = {"rank": rank, "lam": args.lam, "rho": args.rho, "decoder": args.decoder}
     given["decoder_lr_scale"] = args.decoder_lr_scale
     options = AdaptOptions(total_steps=settings.steps, **{k: v for k, v in given.items() if v is not None})
-    _, adapted, options, row = build_adapted(args.model, organ, method, options, 0, args.track)
-    adapted.model.to(resolve_device(args.device))
-    sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
-    held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
-
     name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "")
     name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
     out = Path(args.out) / f"{name}.json"
@@ -112,6 +107,11 @@ def main() -> None:
     earlier = json.loads(out.read_text()) if out.is_file() else None
     if earlier and "finished" in earlier:
         raise SystemExit(f"{out} is finished already: nothing to do")
+    _, adapted, options, row = build_adapted(args.model, organ, method, options, 0, args.track)
+    adapted.model.to(resolve_device(args.device))
+    sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
+    held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
+
     record = {
         "command": "python benchmarks/probe.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),

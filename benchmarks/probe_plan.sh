@@ -5,7 +5,8 @@
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
 #   phases, in the default order: budget novel ranks lambda lambda-novel (every family first, then the decoder
 #   policy; lambda-novel runs on the novel organ under the decoder policy that criterion 2 chose, once it is chosen)
-# On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data).
+# On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
+# DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
@@ -40,13 +41,20 @@ runs() {
   done
 }
 
-launch() {  # run the argument lines on stdin, JOBS at a time
+launch() {  # run the argument lines on stdin, JOBS at a time; with DEADLINE, none past it
   while read -r args; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+    left=0  # timeout's "no limit"
+    if [ -n "${DEADLINE:-}" ]; then
+      left=$((DEADLINE - $(date +%s)))
+      [ "$left" -gt 0 ] || { echo "past the deadline, not started: $args"; continue; }
+    fi
     log="$LOGS/$(echo "$args" | tr ' ' '_' | tr -d '-').log"
     echo "start: $args"
+    # timeout wraps python itself: a background job of a script ignores SIGINT, and timeout restores it
     # shellcheck disable=SC2086  # $args holds several options on purpose
-    OMP_NUM_THREADS=1 $PY benchmarks/probe.py $args --steps 300 --every 50 --device "$DEVICE" --data "$DATA" >"$log" 2>&1 &
+    OMP_NUM_THREADS=1 timeout --signal=INT "$left" $PY benchmarks/probe.py $args --steps 300 --every 50 \
+      --device "$DEVICE" --data "$DATA" >"$log" 2>&1 &
   done
   wait
 }
