@@ -26,7 +26,7 @@ case $STAGE in
     JOBS=${JOBS:-16} DATA=.gpu/probe/btcv30 DEADLINE=$(($(date +%s) + BUDGET)) bash benchmarks/probe_plan.sh
     "$PY" benchmarks/probe_report.py
     "$PY" benchmarks/probe_report.py --bench-arguments | tee "$OUT/bench_args.txt"
-    tar czf "$OUT/probe.tar.gz" -C benchmarks/results probe --exclude '*.checkpoint.pt'
+    tar czf "$OUT/probe.tar.gz" --exclude '*.checkpoint.pt' -C benchmarks/results probe
     ;;
   grid)
     : "${BENCH_ARGS:?set BENCH_ARGS to the choices in bench_args.txt}"
