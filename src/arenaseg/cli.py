@@ -77,6 +77,25 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_stopping_args(p: argparse.ArgumentParser) -> None:
+    from arenaseg.train.loop import TrainSettings
+
+    t = TrainSettings()
+    p.add_argument(
+        "--stop-patience",
+        type=int,
+        default=t.stop_patience,
+        help="stop once the smoothed training loss has not improved for this many steps; 0 = the step cap alone "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--stop-min-delta",
+        type=_finite,
+        default=t.stop_min_delta,
+        help="the improvement that --stop-patience counts (default: %(default)s)",
+    )
+
+
 def _add_precision_arg(p: argparse.ArgumentParser, default: str) -> None:
     from arenaseg.utils.precision import PRECISIONS
 
@@ -169,6 +188,7 @@ def _train_settings(args: argparse.Namespace):
         cross_entropy=args.cross_entropy,
         checkpoint_every=args.checkpoint_every,
         stop_patience=args.stop_patience,
+        stop_min_delta=args.stop_min_delta,
         seed=args.seed,
         precision=args.precision,
     )
@@ -413,24 +433,13 @@ def add_bench_parsers(sub) -> None:
         default=None,
         help="address of an existing Ray cluster (default: none: a local Ray instance when --workers > 1)",
     )
-    train = TrainSettings()
-    p.add_argument("--steps", type=int, default=train.steps, help="training steps per cell (default: %(default)s)")
     p.add_argument(
-        "--stop-patience",
-        type=int,
-        default=train.stop_patience,
-        help="end a cell once its smoothed training loss has not improved for this many steps; 0 = the step cap "
-        "alone (default: %(default)s)",
+        "--steps", type=int, default=TrainSettings().steps, help="training steps per cell (default: %(default)s)"
     )
-    p.add_argument(
-        "--stop-min-delta",
-        type=float,
-        default=train.stop_min_delta,
-        help="the improvement that --stop-patience counts (default: %(default)s)",
-    )
+    _add_stopping_args(p)
     p.add_argument(
         "--lam",
-        type=float,
+        type=_finite,
         default=AdaptOptions().lam,
         help="ARENA's sparsity weight λ, one value for every cell (default: %(default)s)",
     )
@@ -637,13 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=t.checkpoint_every,
         help="steps between resume checkpoints (default: %(default)s)",
     )
-    p.add_argument(
-        "--stop-patience",
-        type=int,
-        default=t.stop_patience,
-        help="stop when the smoothed training loss has not improved for this many steps; 0 = off "
-        "(default: %(default)s)",
-    )
+    _add_stopping_args(p)
     p.add_argument(
         "--model", default=AdaptJob.model, help="built-in model name or checkpoint path (default: %(default)s)"
     )
