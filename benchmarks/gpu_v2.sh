@@ -5,7 +5,7 @@
 #          Brings back $OUT/probe.tar.gz (the JSONs, README.md, probe.png) and $OUT/bench_args.txt: the choices as
 #          `arenaseg bench` options, or nothing while some choice is not decidable.
 #   grid   the decisive cells under BENCH_ARGS (what probe chose; commit the probe evidence before this) through
-#          benchmarks/gpu_grid.sh until SECONDS_BUDGET: base track first, then the novel track's pancreas.
+#          benchmarks/gpu_grid.sh until SECONDS_BUDGET: the base organs and pancreas at k = 5, then k = 1.
 #          Brings back $OUT/gpu_results.tar.gz (run.json/metrics.json/error.txt of every finished cell, the logs).
 # Environment: ARENASEG_COMMIT (required: `git rev-parse --short HEAD` here), SECONDS_BUDGET (default 420),
 # JOBS (default 16), BENCH_ARGS (grid).
@@ -30,7 +30,9 @@ case $STAGE in
     ;;
   grid)
     : "${BENCH_ARGS:?set BENCH_ARGS to the choices in bench_args.txt}"
-    DATA=.gpu/grid/btcv30 SECONDS_BUDGET=$BUDGET SHOTS_B=5 ORGANS_B=pancreas WORK=/tmp/arenaseg_gpu BENCH_ARGS=$BENCH_ARGS \
+    # one process per (organ, seed), the base organs and pancreas together; then k = 1 while time is left
+    DATA=.gpu/grid/btcv30 SECONDS_BUDGET=$BUDGET ORGANS_A="right_kidney aorta stomach pancreas" SHOTS_A=5 \
+        ORGANS_B="" SHOTS_B=1 WORK=/tmp/arenaseg_gpu BENCH_ARGS=$BENCH_ARGS \
         METHODS=zero-shot,lp,fft,lora-r4,lora-r64,arena-r4,arena-r64 bash benchmarks/gpu_grid.sh
     ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
