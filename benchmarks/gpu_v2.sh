@@ -31,7 +31,7 @@ case $STAGE in
   grid)
     : "${BENCH_ARGS:?set BENCH_ARGS to the choices in bench_args.txt}"
     # one process per (organ, seed), the base organs and pancreas together; then k = 1 while time is left
-    DATA=.gpu/grid/btcv30 SECONDS_BUDGET=$BUDGET ORGANS_A="right_kidney aorta stomach pancreas" SHOTS_A=5 \
+    DATA=.gpu/grid/btcv30 SECONDS_BUDGET=$BUDGET ORGANS_A="right_kidney aorta stomach pancreas" SHOTS_A=5 THREADS_A=1 \
         ORGANS_B="" SHOTS_B=1 WORK=/tmp/arenaseg_gpu BENCH_ARGS=$BENCH_ARGS \
         METHODS=zero-shot,lp,fft,lora-r4,lora-r64,arena-r4,arena-r64 bash benchmarks/gpu_grid.sh
     ;;
