@@ -25,8 +25,8 @@ runs() {
       ranks)  # the base half of criterion 3 at the current lambda, and the rank range
         for m in lora-r16 arena-r16 lora-r4 arena-r4; do
           echo "--organ right_kidney --method $m"; done ;;
-      novel)  # criterion 2: the decoder policy, LoRA and ARENA at r16
-        for d in frozen full lowrank; do for m in lora-r16 arena-r16; do
+      novel)  # criterion 2: the decoder policy, LoRA and ARENA at r16 (low-rank first: their checkpoints commit)
+        for d in frozen lowrank full; do for m in lora-r16 arena-r16; do
           echo "--organ pancreas --method $m --decoder $d"; done; done ;;
       lambda)  # criterion 3: lambda on the base organ
         for lam in 0 0.1; do for m in arena-r16 arena-r64; do
