@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import time
 from dataclasses import asdict
@@ -104,6 +105,12 @@ def main() -> None:
     name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
     out = Path(args.out) / f"{name}.json"
     checkpoint = out.with_suffix(".checkpoint.pt")  # beside the JSON, ignored by git: a killed probe resumes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_suffix(".lock").open("w")  # held while this process lives: two on one run corrupt its checkpoint
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"{out} is being run by another process: nothing to do") from None
     earlier = json.loads(out.read_text()) if out.is_file() else None
     if earlier and "finished" in earlier:
         raise SystemExit(f"{out} is finished already: nothing to do")
@@ -149,7 +156,6 @@ def main() -> None:
         print(f"step {step}: held-in patch Dice {record['patch_dice'][-1][1]:.1f}", flush=True)
         write_json(out, record)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     if earlier and checkpoint.is_file():
         if (earlier["options"], earlier["train"]) != (_plain(record["options"]), _plain(record["train"])):
             raise SystemExit(f"{out} was started with other settings: delete it and {checkpoint.name} to start anew")
