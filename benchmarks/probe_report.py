@@ -3,8 +3,8 @@
 For each run: the held-in patch Dice curve, the held-in whole-volume Dice at the start and the end, the training
 loss (mean of the last 25 steps), ARENA's active rank, and, replayed on the recorded loss, the step at which each
 candidate stopping rule (the training loop's own PlateauStop) would have stopped. Then the global choices, applied
-mechanically by docs/benchmark.md's written criteria (1 as amended, 2, 3 and 5), or the runs each still waits for:
-this is the evidence that the protocol's choices cite. Not a test.
+mechanically by docs/benchmark.md's written criteria (1 with its amendments, 2, 3 and 5), or the runs each still
+waits for: this is the evidence that the protocol's choices cite. Not a test.
 Usage: python benchmarks/probe_report.py [--folder benchmarks/results/probe] [--decoder | --bench-arguments]
 """
 
@@ -146,14 +146,17 @@ def choose_decoder(runs: list[dict]) -> tuple[str | None, list[str]]:
 
 
 def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | None, tuple | None, list[str]]:
-    """Criterion 1 as amended: the smallest cap at which every counted run's patch Dice is within MARGIN of its
-    best trained point, then the stopping rule among RULES that never stops a run at a point more than MARGIN
-    below its best (judged at the last probe point at or before the stop); of those, the one that saves the most
-    steps. Counted: every finished base-organ run, and the novel organ's under the chosen decoder policy."""
+    """Criterion 1 with its amendments: the smallest cap at which every counted run's patch Dice is within MARGIN
+    of its best trained point (if there is none, the cap whose largest shortfall below a run's best is smallest),
+    then the stopping rule among RULES that never stops a run at a point more than MARGIN below its best (judged at
+    the last probe point at or before the stop); of those, the one that saves the most steps. Counted: every
+    finished base-organ run, and the novel organ's under the chosen decoder policy."""
     if chosen_decoder is None:
         return None, None, ["waits for the decoder policy (criterion 2)"]
     counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1]
     counted = [r for r in counted if r["track"] == "base" or decoder(r) in (None, chosen_decoder)]
+    if not counted:
+        return None, None, ["waits for a finished run"]
     lines = []
     cap = next((c for c in CAPS if all(patch_at(r, c) >= best_trained(r) - MARGIN for r in counted)), None)
     for c in CAPS:
@@ -163,8 +166,9 @@ def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | N
             if patch_at(r, c) < best_trained(r) - MARGIN
         ]
         lines.append(f"cap {c}: " + (f"too short for {', '.join(short)}" if short else "every counted run within"))
-    if cap is None:
-        return None, None, lines
+    if cap is None:  # amendment 2: the cap whose worst shortfall is smallest (min keeps the smaller cap on ties)
+        cap = min(CAPS, key=lambda c: max(best_trained(r) - patch_at(r, c) for r in counted))
+        lines.append(f"no cap within {MARGIN:g} for every counted run: cap {cap} has the smallest worst shortfall")
     qualifying = {}
     for patience, delta in RULES:
         stops = [(r, stop_step(r["loss"][:cap], patience, delta)) for r in counted]

@@ -59,6 +59,13 @@ def test_budget_is_the_smallest_cap_within_the_margin_of_each_runs_best_trained_
     assert report.choose_budget([slow, flat], None)[0] is None
 
 
+def test_without_a_cap_within_the_margin_the_smallest_worst_shortfall_decides(report):
+    early = run("right_kidney", "lora-r64", [[100, 50.0], [200, 47.0], [300, 44.0]])  # 0, 3, 6 below its best
+    late = run("right_kidney", "fft", [[100, 40.0], [200, 45.0], [300, 48.0]])  # 8, 3, 0 below
+    decided = novel(report, {"frozen": 5.0, "full": 30.0, "lowrank": 1.0}, {"frozen": 1, "full": 2, "lowrank": 3})
+    assert report.choose_budget([early, late, *decided], "full")[0] == 200  # worst shortfalls 8, 3, 6
+
+
 def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
     return [
         run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
