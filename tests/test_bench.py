@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from arenaseg import pipeline
-from arenaseg.bench import grid as grid_module
+from arenaseg.adapters.config import NEW_HEAD_DECODER
 from arenaseg.bench import runner
 from arenaseg.bench.grid import (
     BTCV_ORGAN_ORDER,
@@ -104,7 +104,7 @@ def test_btcv_default_grid_is_track_then_organ_major_with_one_seed_for_whole_poo
     assert all(c.test_cases == BTCV_FS.test and c.support_cases is None for c in cells)
     assert {c.protocol for c in cells} == {"btcv-fs-v2"}
     lora = next(c for c in cells if c.name == "lora-r64" and c.track == "novel")
-    assert (lora.method, lora.rank, lora.decoder) == ("lora", 64, grid_module.NOVEL_DECODER)
+    assert (lora.method, lora.rank, lora.decoder) == ("lora", 64, NEW_HEAD_DECODER)
     assert str(lora.rel_dir) == "cells/novel/lora-r64/pancreas/k5/seed0"
     assert {c.decoder for c in cells if c.track == "base" or c.method in ("lp", "fft", "scratch")} == {"frozen"}
 

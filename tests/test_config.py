@@ -29,7 +29,7 @@ def test_settings_from_the_command_line_raise_user_errors() -> None:
         TrainSettings(steps=0)
     with pytest.raises(UserError, match=r"PretrainSettings\.sampling must be one of class-balanced, pos-neg"):
         PretrainSettings(sampling="uniform")
-    with pytest.raises(ValueError, match=r"AdaptOptions\.decoder must be one of frozen, full, lowrank") as err:
+    with pytest.raises(ValueError, match=r"AdaptOptions\.decoder must be one of auto, frozen, full, lowrank") as err:
         AdaptOptions(decoder="half")
     assert type(err.value) is ValueError  # the Python API's configs: the caller decides whose mistake it was
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from arenaseg import pipeline
-from arenaseg.adapters import AdaptOptions
+from arenaseg.adapters import AdaptOptions, adapt_model
+from arenaseg.adapters.config import NEW_HEAD_DECODER
 from arenaseg.bench.grid import plan_cells, result_row
 from arenaseg.bench.runner import cell_job, signature_mismatch
 from arenaseg.models.foundation import load_foundation
@@ -97,7 +98,7 @@ def test_grid_wide_choices_reach_every_cell_but_the_base_decoder_stays_frozen(ph
     """`arenaseg bench --novel-decoder/--lam`: the probe's global choices given on the command line."""
     cells = plan_cells(
         "btcv-fs",
-        ["lora-r4", "fft"],
+        ["lora-r4", "fft", "adalora-r16"],
         ["right_kidney", "pancreas"],
         [1],
         [0],
@@ -108,16 +109,37 @@ def test_grid_wide_choices_reach_every_cell_but_the_base_decoder_stays_frozen(ph
     assert [(c.track, c.name, c.decoder) for c in cells] == [
         ("base", "fft", "frozen"),
         ("base", "lora-r4", "frozen"),
+        ("base", "adalora-r16", "frozen"),
         ("novel", "fft", "frozen"),
         ("novel", "lora-r4", "lowrank"),
+        ("novel", "adalora-r16", "full"),  # PEFT's AdaLoRA cannot wrap a Conv3d: the decoder trains in full
     ]
-    jobs = [cell_job(c, tmp_path, {"options": {"lam": 0.05, "decoder": "full"}}) for c in cells]
+    jobs = [cell_job(c, tmp_path, {"options": {"lam": 0.05, "decoder": "full"}}) for c in cells[:2] + cells[3:5]]
     assert [(j.options.lam, j.options.rank, j.options.decoder) for j in jobs] == [
         (0.05, AdaptOptions().rank, "frozen"),  # the cell's decoder policy wins over the grid's options
         (0.05, 4, "frozen"),
         (0.05, AdaptOptions().rank, "frozen"),
         (0.05, 4, "lowrank"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("organ", "method", "decoder"),
+    [
+        ("liver", "lora", "frozen"),  # the model's own class: the head starts from it, the decoder stays frozen
+        ("pancreas", "lora", NEW_HEAD_DECODER),  # a new head: the probe's choice
+        ("pancreas", "adalora", "full"),  # whose adapters cannot follow it onto the Conv3d layers
+        ("pancreas", "lp", "frozen"),
+    ],
+)
+def test_decoder_auto_follows_the_head_s_start(tiny_foundation, organ, method, decoder):
+    options = AdaptOptions(rank=4, decoder="auto", total_steps=10)
+    _, adapted, resolved, _ = pipeline.build_adapted(str(tiny_foundation), organ, method, options, 0)
+    assert resolved.decoder == decoder
+    decoder_trains = [n for n, p in adapted.network.named_parameters() if p.requires_grad and "decoder1." in n]
+    assert bool(decoder_trains) == (decoder != "frozen")
+    with pytest.raises(ValueError, match="decoder='auto' depends on how the head starts"):
+        adapt_model(load_foundation(tiny_foundation)[0], method, options)
 
 
 def test_a_cell_counts_only_when_every_option_protocol_and_track_match(phantoms, tiny_foundation, tmp_path):

@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     from arenaseg.adapters import METHODS, AdaptOptions
-    from arenaseg.adapters.config import DECODER_POLICIES
+    from arenaseg.adapters.config import DECODER_POLICIES, NEW_HEAD_DECODER
     from arenaseg.pipeline import REFERENCE_METHODS, TRACKS, AdaptJob
     from arenaseg.train.loop import TrainSettings
 
@@ -597,10 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decoder",
-        choices=DECODER_POLICIES,
-        default=AdaptOptions.decoder,
-        help="what the low-rank methods do with the convolutional decoder: frozen, full (trained in full) or "
-        "lowrank (the method's adapters on its Conv3d layers too) (default: %(default)s)",
+        choices=("auto", *DECODER_POLICIES),
+        default="auto",
+        help="what the low-rank methods do with the convolutional decoder: frozen, full (trained in full), lowrank "
+        f"(the method's adapters on its Conv3d layers too), or auto: {NEW_HEAD_DECODER} for a new head (novel "
+        "track), frozen when the head starts from the model's class (base track); the benchmark's probe chose "
+        "this (docs/benchmark.md) (default: %(default)s)",
     )
     p.add_argument(
         "--track",

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from arenaseg.adapters.config import AdaptOptions
+from arenaseg.adapters.config import NEW_HEAD_DECODER, AdaptOptions
 from arenaseg.data.datasets import Dataset, open_dataset
 from arenaseg.data.preprocess import PreprocessSettings, check_same_affine, file_digest, load_cases
 from arenaseg.data.sampling import PatchSampler
@@ -208,9 +208,11 @@ class RunFolder:
 
 def build_adapted(model_name: str, organ: str, method: str, options: AdaptOptions, seed: int, track: str = "auto"):
     """Foundation model + binary head (started as ``track`` says) + method; returns (loaded checkpoint, adapted
-    model, options, class row or None). ``zero-shot`` adapts as ``lp`` (its head is what a run saves) and is never
-    trained; ``scratch`` is ``fft`` on the same network re-initialised at random, with a new head."""
+    model, options with decoder ``auto`` resolved by the head's start, class row or None). ``zero-shot`` adapts as
+    ``lp`` (its head is what a run saves) and is never trained; ``scratch`` is ``fft`` on the same network
+    re-initialised at random, with a new head."""
     from arenaseg.adapters import adapt_model
+    from arenaseg.adapters.factory import decoder_for
     from arenaseg.models.registry import class_row, load_model
     from arenaseg.models.swin_unetr import build_swin_unetr
 
@@ -227,6 +229,9 @@ def build_adapted(model_name: str, organ: str, method: str, options: AdaptOption
         raise UserError(f"{organ} is not a class of {model_name} (its classes: {known}): no base-track start")
     replace_with_binary_head(loaded.model, *(row if row else (None, None)))
     factory_method = {"zero-shot": "lp", "scratch": "fft"}.get(method, method)
+    if options.decoder == "auto":
+        policy = "frozen" if row else NEW_HEAD_DECODER
+        options = dataclasses.replace(options, decoder=decoder_for(factory_method, policy))
     try:  # the factory checks options and targets with ValueError: here they come from the user
         check_rank(loaded.model, factory_method, options)
         adapted = adapt_model(loaded.model, factory_method, options)

@@ -30,6 +30,9 @@ from arenaseg.utils.dataclass_json import from_json
 
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 DECODER_POLICIES = ("frozen", "full", "lowrank")
+# The low-rank methods' decoder policy for a new head, chosen on the pretrain-split probe (docs/benchmark.md,
+# criterion 2). A head that starts from the model's own class keeps the decoder frozen.
+NEW_HEAD_DECODER = "lowrank"
 
 
 def _is_int(value: object, minimum: int) -> bool:
@@ -200,7 +203,8 @@ class AdaptOptions(_Scaled, Config):
     adalora_delta_t: int = integer(1, 1)
     orth_reg_weight: float = number(0.5, 0.0)
     train_head: bool = flag(True)
-    decoder: str = choice("frozen", DECODER_POLICIES)
+    # auto: NEW_HEAD_DECODER for a new head, else frozen; resolved where the head is made (pipeline.build_adapted)
+    decoder: str = choice("frozen", ("auto", *DECODER_POLICIES))
     decoder_lr_scale: float = number(1.0, 0.0, above=True)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from arenaseg.adapters import peft_baselines
 from arenaseg.adapters.arena import ArenaLayer
 from arenaseg.adapters.config import AdaptOptions
 from arenaseg.adapters.tuners import ENCODER_PREFIX, FAMILIES, AdaptedModel
@@ -40,6 +41,17 @@ METHODS = ("arena", "lora", "adalora", "dora", "pissa", "fft", "lp", "bitfit", "
 LOW_RANK_METHODS = tuple(m for m in METHODS if FAMILIES[m].low_rank)
 # The decoder's 3x3x3 / 1x1x1 convolutions (MONAI SwinUNETR's encoder1-10 skip blocks and decoder1-5 up blocks).
 DECODER_CONVS = r"(encoder\d+|decoder\d+)\..*conv\d\.conv"
+# The low-rank methods whose adapters can wrap a Conv3d, and so follow the lowrank decoder policy.
+CONV3D_METHODS = ("arena", *(m for m, layers in peft_baselines.SUPPORTED_LAYERS.items() if nn.Conv3d in layers))
+
+
+def decoder_for(method: str, policy: str) -> str:
+    """The decoder policy ``method`` runs under where ``policy`` is asked of every method (a grid's track, or the
+    default for a new head): frozen for the methods without adapters, and full instead of lowrank for those whose
+    adapters cannot wrap a Conv3d (PEFT's AdaLoRA and PiSSA), the decoder's trained form closest to it."""
+    if method not in LOW_RANK_METHODS:
+        return "frozen"
+    return "full" if policy == "lowrank" and method not in CONV3D_METHODS else policy
 
 
 def resolve_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -95,6 +107,11 @@ def adapt_model(model: nn.Module, method: str, options: AdaptOptions | None = No
     if method == "lp" and not options.train_head:
         raise ValueError("lp trains the head only, so it needs train_head=True")
     family = FAMILIES[method]
+    if options.decoder == "auto":
+        raise ValueError(
+            "decoder='auto' depends on how the head starts, which adapt_model cannot tell; pass frozen, full or "
+            "lowrank (arenaseg.pipeline.build_adapted resolves auto)"
+        )
     if options.decoder != "frozen" and not family.low_rank:
         raise ValueError(f"the decoder policy applies to the low-rank methods; {method} needs decoder='frozen'")
     base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

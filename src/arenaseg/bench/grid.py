@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS
+from arenaseg.adapters.config import NEW_HEAD_DECODER
+from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS, decoder_for
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read_fseft_list
 from arenaseg.pipeline import METRICS_FILE, REFERENCE_METHODS, RUN_FILE, resolve_test_cases, support_pool
@@ -47,9 +48,6 @@ NOVEL_METHODS = ("fft", *RANK_ENDS, *RANK_MIDDLE, "lp", "scratch")
 BASE_ORGANS = ("right_kidney", "aorta", "stomach")
 # Pancreas first (the issue's core grid), then the other novel organs in NOVEL_ORGANS' order.
 BTCV_ORGAN_ORDER = ("pancreas", *(o for o in NOVEL_ORGANS if o != "pancreas"))
-# The novel track's decoder policy for the low-rank methods, chosen on the pretrain-split probe
-# (docs/benchmark.md, "Global choices"); the base track keeps the decoder frozen.
-NOVEL_DECODER = "frozen"
 PROTOCOL = "btcv-fs-v2"
 # k = 5 first: the rank-robustness and efficiency tables need k = 5 only, so they fill in before k = 1 and 10.
 SHOTS_ORDER = (5, *(k for k in SHOTS if k != 5))
@@ -139,7 +137,7 @@ PRESETS = {
     "btcv-fs": Preset(
         "btcv-fs",
         PROTOCOL,
-        (Track("base", BASE_ORGANS, BASE_METHODS), Track("novel", BTCV_ORGAN_ORDER, NOVEL_METHODS, NOVEL_DECODER)),
+        (Track("base", BASE_ORGANS, BASE_METHODS), Track("novel", BTCV_ORGAN_ORDER, NOVEL_METHODS, NEW_HEAD_DECODER)),
         SHOTS_ORDER,
         SEEDS,
         "btcv-fs",
@@ -149,7 +147,7 @@ PRESETS = {
     "totalseg-fseft": Preset(
         "totalseg-fseft",
         "totalseg-fseft-v2",
-        (Track("novel", None, NOVEL_METHODS[:-1], NOVEL_DECODER),),
+        (Track("novel", None, NOVEL_METHODS[:-1], NEW_HEAD_DECODER),),
         SHOTS_ORDER,
         SEEDS,
         None,
@@ -302,7 +300,7 @@ def plan_cells(
                     seen_zero_shot.add(organ)
                     draw = (0, 0, None)  # the same cell whatever the seeds asked for
                 policy = novel_decoder if novel_decoder is not None and track.name == "novel" else track.decoder
-                decoder = policy if method in LOW_RANK_METHODS else "frozen"
+                decoder = decoder_for(method, policy)
                 cells.append(
                     Cell(
                         track.name,
