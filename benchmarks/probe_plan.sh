@@ -4,9 +4,9 @@
 # and started again at any point.
 # Checkpoints are gitignored; at a session's end, commit a low-rank run's with `git add -f` (about 1 MB) to resume it.
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
-#   phases, in the default order: budget novel lambda lambda-novel ranks (the runs a choice needs first;
-#   lambda-novel runs on the novel organ under the decoder policy that criterion 2 chose, so its runs wait until
-#   that choice is made, while later runs go ahead)
+#   phases, in the default order: budget novel lambda lambda-novel, the runs the choices need (lambda-novel runs
+#   on the novel organ under the decoder policy that criterion 2 chose, so its runs wait until that choice is
+#   made, while later runs go ahead); ranks (no choice depends on it, and criterion 1 would count it) on request
 # On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
 # DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 # JOBS counts every probe run on the machine, this script's or not, so a restarted script does not overload it.
@@ -88,6 +88,6 @@ launch() {  # run the argument lines on stdin, JOBS at a time; @decoder lines on
 }
 
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(budget novel lambda lambda-novel ranks)
+[ ${#phases[@]} -gt 0 ] || phases=(budget novel lambda lambda-novel)
 runs "${phases[@]}" | launch
 $PY benchmarks/probe_report.py
