@@ -3,7 +3,7 @@
 For each run: the held-in patch Dice curve, the held-in whole-volume Dice at the start and the end, the training
 loss (mean of the last 25 steps), ARENA's active rank, and, replayed on the recorded loss, the step at which each
 candidate stopping rule (the training loop's own PlateauStop) would have stopped. Then the global choices, applied
-mechanically by docs/benchmark.md's written criteria (1 with its amendments, 2, 3 and 5), or the runs each still
+mechanically by docs/benchmark.md's written criteria (1 with its amendments, 2 to 5), or the runs each still
 waits for: this is the evidence that the protocol's choices cite. Not a test.
 Usage: python benchmarks/probe_report.py [--folder benchmarks/results/probe] [--decoder | --bench-arguments]
 """
@@ -145,6 +145,32 @@ def choose_decoder(runs: list[dict]) -> tuple[str | None, list[str]]:
     return chosen, [f"{p}: mean volume Dice {dice[p]:.1f}, {params[p]:,.0f} trainable" for p in POLICIES]
 
 
+def counted_runs(runs: list[dict], chosen_decoder: str) -> list[dict]:
+    """The runs criteria 1 and 4 count: every finished base-organ run, the novel organ's under the chosen policy."""
+    counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1]
+    return [r for r in counted if r["track"] == "base" or decoder(r) in (None, chosen_decoder)]
+
+
+def check_learning_rates(runs: list[dict], chosen_decoder: str | None, cap: int | None) -> tuple[str | None, list]:
+    """Criterion 4: lr 1e-3 (head x10) stays for a family whose training loss has plateaued by the cap in every
+    counted run, read as: every candidate PlateauStop rule, the most patient included, would have stopped it by
+    then. Otherwise that family's lr needs the 3x probe, and the choice waits for it."""
+    if cap is None:
+        return None, ["waits for the step budget (criterion 1)"]
+    counted = counted_runs(runs, chosen_decoder)
+    late = {
+        f"{r['organ']} {r['method']}": family(r)
+        for r in counted
+        if any(stop_step(r["loss"][:cap], p, d) is None for p, d in RULES)
+    }
+    families = sorted({family(r) for r in counted})
+    if late:
+        return None, [
+            f"not plateaued by step {cap}: {', '.join(late)}; probe lr 3x for {', '.join(sorted(set(late.values())))}"
+        ]
+    return "lr 1e-3, head x10 (unchanged)", [f"every counted run of {', '.join(families)} plateaus by step {cap}"]
+
+
 def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | None, tuple | None, list[str]]:
     """Criterion 1 with its amendments: the smallest cap at which every counted run's patch Dice is within MARGIN
     of its best trained point (if there is none, the cap whose largest shortfall below a run's best is smallest),
@@ -153,8 +179,7 @@ def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | N
     finished base-organ run, and the novel organ's under the chosen decoder policy."""
     if chosen_decoder is None:
         return None, None, ["waits for the decoder policy (criterion 2)"]
-    counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1]
-    counted = [r for r in counted if r["track"] == "base" or decoder(r) in (None, chosen_decoder)]
+    counted = counted_runs(runs, chosen_decoder)
     if not counted:
         return None, None, ["waits for a finished run"]
     lines = []
@@ -237,7 +262,7 @@ def bench_arguments(runs: list[dict]) -> str | None:
     chosen_decoder = choose_decoder(runs)[0]
     cap, rule, _ = choose_budget(runs, chosen_decoder)
     chosen_lam = choose_lambda(runs, chosen_decoder)[0]
-    if None in (chosen_decoder, cap, chosen_lam):
+    if None in (chosen_decoder, cap, chosen_lam, check_learning_rates(runs, chosen_decoder, cap)[0]):
         return None
     patience, delta = rule if rule is not None else (0, 1e-3)
     return (
@@ -256,6 +281,7 @@ def choices(runs: list[dict]) -> list[str]:
         ("Criterion 2, decoder policy (novel track)", chosen_decoder, decoder_lines),
         ("Criterion 1 as amended, step budget", None if cap is None else f"{cap} steps, {rule_text}", budget_lines),
         ("Criterion 3, ARENA's λ", None if chosen_lam is None else f"{chosen_lam:g}", lam_lines),
+        ("Criterion 4, learning rates", *check_learning_rates(runs, chosen_decoder, cap)),
         ("Criterion 5, largest-component post-processing", *check_largest_component(runs)),
     ]
     lines = ["## Choices by the written criteria (docs/benchmark.md)", ""]

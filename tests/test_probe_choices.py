@@ -66,6 +66,16 @@ def test_without_a_cap_within_the_margin_the_smallest_worst_shortfall_decides(re
     assert report.choose_budget([early, late, *decided], "full")[0] == 200  # worst shortfalls 8, 3, 6
 
 
+def test_learning_rates_stay_unless_a_family_s_loss_still_falls_at_the_cap(report):
+    flat = run("right_kidney", "fft", [[100, 60.0], [200, 60.0], [300, 60.0]])
+    falling = run("right_kidney", "lora-r64", [[100, 60.0], [200, 60.0], [300, 60.0]])
+    falling["loss"] = [1.0 - 0.003 * i for i in range(300)]  # the EMA still gains 0.003 a step at step 300
+    value, lines = report.check_learning_rates([flat, falling], "lowrank", 300)
+    assert value is None and "probe lr 3x for lora" in lines[0] and "fft" not in lines[0]
+    assert report.check_learning_rates([flat], "lowrank", 300)[0] is not None
+    assert report.check_learning_rates([flat], "lowrank", None)[0] is None
+
+
 def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
     return [
         run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
