@@ -601,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what the low-rank methods do with the convolutional decoder: frozen, full (trained in full), lowrank "
         f"(the method's adapters on its Conv3d layers too), or auto: {NEW_HEAD_DECODER} for a new head (novel "
-        "track), frozen when the head starts from the model's class (base track); the benchmark's probe chose "
-        "this (docs/benchmark.md) (default: %(default)s)",
+        "track; full for adalora and pissa, whose adapters cannot wrap a Conv3d), frozen when the head starts from "
+        "the model's class (base track); the benchmark's probe chose this (docs/benchmark.md) (default: %(default)s)",
     )
     p.add_argument(
         "--track",
