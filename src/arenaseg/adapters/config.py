@@ -185,8 +185,9 @@ class AdaptOptions(_Scaled, Config):
     ``total_steps`` is required by ``adalora`` (its budget schedule). The AdaLoRA fields map to PEFT's
     ``AdaLoraConfig`` (``adalora_target_rank`` defaults to rank // 2). ``decoder`` is what happens to the
     convolutional decoder (every module outside ``swinViT`` but the head) under a low-rank method: ``frozen``,
-    ``full`` (trained in full at ``decoder_lr_scale`` times the lr, FSEFT's novel-organ recipe) or ``lowrank``
-    (the method's own adapters on the decoder's Conv3d layers too).
+    ``full`` (trained in full at ``decoder_lr_scale`` times the lr, FSEFT's novel-organ recipe), ``lowrank``
+    (the method's own adapters on the decoder's Conv3d layers too), or ``auto``, which only
+    ``pipeline.build_adapted`` resolves, since it depends on how the head starts.
     """
 
     rank: int = same_as(ArenaConfig, "rank")
@@ -203,7 +204,6 @@ class AdaptOptions(_Scaled, Config):
     adalora_delta_t: int = integer(1, 1)
     orth_reg_weight: float = number(0.5, 0.0)
     train_head: bool = flag(True)
-    # auto: NEW_HEAD_DECODER for a new head, else frozen; resolved where the head is made (pipeline.build_adapted)
     decoder: str = choice("frozen", ("auto", *DECODER_POLICIES))
     decoder_lr_scale: float = number(1.0, 0.0, above=True)
 
