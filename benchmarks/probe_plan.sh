@@ -6,7 +6,8 @@
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
 #   phases, in the default order: budget novel lambda lambda-novel, the runs the choices need (lambda-novel runs
 #   on the novel organ under the decoder policy that criterion 2 chose, so its runs wait until that choice is
-#   made, while later runs go ahead); ranks (no choice depends on it, and criterion 1 would count it) on request
+#   made, while later runs go ahead); on request, runs no choice depends on (criterion 1 would count them):
+#   ranks, and lambda-rest
 # On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
 # DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 # JOBS counts every probe run on the machine, this script's or not, so a restarted script does not overload it.
@@ -33,10 +34,10 @@ runs() {
         for lam in 0 0.1; do for m in arena-r16 arena-r64; do
           echo "--organ right_kidney --method $m --lam $lam"; done; done ;;
       lambda-novel)  # criterion 3 on the novel organ; @decoder: the policy criterion 2 chose. λ 0.1 first: on the
-        # pancreas, λ 0.3 cannot qualify (its r16 loss is 0.044 above λ 0's), so the λ 0.1 pair decides whether
-        # the largest qualifying λ exists without λ 0
+        # pancreas, λ 0.3 is ruled out by its r16 loss (0.044 above λ 0's), so the λ 0.1 pair may decide alone
         for lam in 0.1 0; do for m in arena-r16 arena-r64; do
-          echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done
+          echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done ;;
+      lambda-rest)  # completes the pancreas λ table; criterion 3 needs it only if no λ qualifies
         echo "--organ pancreas --method arena-r64 --decoder @decoder" ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
         for m in lora-r16 lora-r4 arena-r4; do

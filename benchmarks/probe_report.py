@@ -211,31 +211,47 @@ def choose_budget(runs: list[dict], chosen_decoder: str | None) -> tuple[int | N
 def choose_lambda(runs: list[dict], chosen_decoder: str | None) -> tuple[float | None, list[str]]:
     """Criterion 3: the largest lambda at which ARENA r64's held-in volume Dice is not more than RANK_MARGIN
     below r16's on both organs while r16's final training loss (last 25 steps) is within LOSS_MARGIN of lambda 0's;
-    if none, the lambda with the best mean volume Dice over both ranks and organs."""
+    if none, the lambda with the best mean volume Dice over both ranks and organs.
+    Decided as soon as the missing runs cannot change the answer: a lambda that one organ's finished runs already
+    rule out needs no more runs, and the first qualifying lambda from the top wins whatever the smaller ones give.
+    """
     if chosen_decoder is None:
         return None, ["waits for the decoder policy (criterion 2)"]
     organs = ((BASE_ORGAN, "frozen"), (NOVEL_ORGAN, chosen_decoder))
+    decoders = dict(organs)
     wanted = {(o, m, x): find(runs, o, m, x, d) for o, d in organs for m in ("arena-r16", "arena-r64") for x in LAMBDAS}
-    missing = [describe(o, m, x, dict(organs)[o]) for (o, m, x), run in wanted.items() if run is None]
+
+    def verdict(x: float) -> tuple[bool | None, str]:
+        """Whether lambda x qualifies (None: not known yet), and the evidence."""
+        parts, known = [], []
+        for o, _ in organs:
+            r16, r64, r16_at_0 = wanted[o, "arena-r16", x], wanted[o, "arena-r64", x], wanted[o, "arena-r16", 0.0]
+            if r16 is not None and r64 is not None:
+                gap = end_dice(r64) - end_dice(r16)
+                known.append(gap >= -RANK_MARGIN)
+                parts.append(f"{o} r64 − r16 volume Dice {gap:+.1f}")
+            if r16 is not None and r16_at_0 is not None:
+                fit = tail_loss(r16["loss"]) - tail_loss(r16_at_0["loss"])
+                known.append(fit <= LOSS_MARGIN)
+                parts.append(f"{o} r16 loss − λ 0's {fit:+.3f}")
+        text = f"λ {x:g}: " + ("; ".join(parts) if parts else "no finished pair yet")
+        if not all(known):
+            return False, text
+        return (True if len(known) == 2 * len(organs) else None), text
+
+    lines = []
+    for x in sorted(LAMBDAS, reverse=True):
+        qualifies, text = verdict(x)
+        lines.append(text + {True: " (qualifies)", False: " (ruled out)", None: ""}[qualifies])
+        if qualifies:
+            return x, lines
+        if qualifies is None:
+            needed = [k for k, run in wanted.items() if run is None and (k[2] == x or k[1:] == ("arena-r16", 0.0))]
+            waiting = [describe(o, m, y, decoders[o]) for o, m, y in needed]
+            return None, [*lines, f"waits for: {', '.join(waiting)}"]
+    missing = [describe(o, m, y, decoders[o]) for (o, m, y), run in wanted.items() if run is None]
     if missing:
-        return None, [f"waits for: {', '.join(missing)}"]
-    lines, qualifying = [], []
-    for x in LAMBDAS:
-        gaps = {o: end_dice(wanted[o, "arena-r64", x]) - end_dice(wanted[o, "arena-r16", x]) for o, _ in organs}
-        fits = {
-            o: tail_loss(wanted[o, "arena-r16", x]["loss"]) - tail_loss(wanted[o, "arena-r16", 0.0]["loss"])
-            for o, _ in organs
-        }
-        if all(g >= -RANK_MARGIN for g in gaps.values()) and all(f <= LOSS_MARGIN for f in fits.values()):
-            qualifying.append(x)
-        lines.append(
-            f"λ {x:g}: r64 − r16 volume Dice "
-            + ", ".join(f"{o} {g:+.1f}" for o, g in gaps.items())
-            + "; r16 loss − λ 0's "
-            + ", ".join(f"{o} {f:+.3f}" for o, f in fits.items())
-        )
-    if qualifying:
-        return max(qualifying), lines
+        return None, [*lines, f"no λ qualifies; the best mean volume Dice decides, and waits for: {', '.join(missing)}"]
     mean = {x: statistics.fmean(end_dice(wanted[k]) for k in wanted if k[2] == x) for x in LAMBDAS}
     return max(mean, key=mean.get), [*lines, "no λ qualifies: the best mean volume Dice decides"]
 

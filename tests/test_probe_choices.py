@@ -97,7 +97,27 @@ def lambda_runs():
 def test_lambda_is_the_largest_that_keeps_r64_beside_r16_while_r16_still_fits(report):
     runs = lambda_runs()
     assert report.choose_lambda(runs, "lowrank")[0] == 0.1
-    assert report.choose_lambda(runs[:-1], "lowrank")[0] is None
+
+
+def without(runs, organ, method, lam):
+    return [r for r in runs if (r["organ"], r["method"], r["options"]["lam"]) != (organ, method, lam)]
+
+
+def test_lambda_is_decided_once_the_missing_runs_cannot_change_it(report):
+    runs = lambda_runs()
+    # lambda 0.3 is already ruled out by the base organ's r16 loss, and 0.1 qualifies: smaller lambdas do not matter
+    assert report.choose_lambda(without(runs, "pancreas", "arena-r64", 0.3), "lowrank")[0] == 0.1
+    assert report.choose_lambda(without(runs, "pancreas", "arena-r64", 0.0), "lowrank")[0] == 0.1
+    chosen, lines = report.choose_lambda(without(runs, "pancreas", "arena-r64", 0.1), "lowrank")
+    assert chosen is None and lines[-1] == "waits for: pancreas arena-r64 λ 0.1 lowrank"
+    # no lambda qualifies (r64 far below r16 everywhere on the pancreas): the fallback needs every run
+    fallback = [r for r in runs if r["organ"] == "right_kidney"] + [
+        *arena("pancreas", "lowrank", 20, 10, 0.0),
+        *arena("pancreas", "lowrank", 20, 12, 0.1),
+        *arena("pancreas", "lowrank", 20, 11, 0.3),
+    ]
+    assert report.choose_lambda(fallback, "lowrank")[0] == 0.1
+    assert report.choose_lambda(without(fallback, "pancreas", "arena-r64", 0.0), "lowrank")[0] is None
 
 
 def test_largest_component_is_on_only_if_it_raises_dice_and_lowers_hd95(report):
