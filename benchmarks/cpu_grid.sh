@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Protocol v2's decisive cells (docs/benchmark.md) on the CPU, JOBS one-thread cells at a time: two 1-thread
+# processes do more steps per second than one 2-thread process (benchmarks/results/threads.md).
+# Every cell is its own `arenaseg bench --workers 1` call with its own folder under WORK, so a killed cell resumes
+# from its checkpoint, and each finished cell is copied into benchmarks/results/btcv-fs-v2-cpu at once (commit it;
+# then `arenaseg report benchmarks/results/btcv-fs-v2-cpu`). Cells already committed there are adopted, not rerun,
+# when everything that shapes their result matches. The script can be killed and started again at any point.
+# Order: seed-major, so that a first seed of every decisive comparison lands before a second seed of any; within a
+# seed the base organs, then the novel organ; within an organ the two ends of the rank range first.
+# Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
+# DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEADLINE (epoch
+# seconds): no cell starts after it, and running ones are interrupted there (they resume later).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-2}
+DATA=${DATA:-../shared/data/btcv30}
+WORK=${WORK:-runs/cpu-grid}
+DEST=benchmarks/results/btcv-fs-v2-cpu
+ARENASEG=${ARENASEG:-.venv/bin/arenaseg}
+BENCH_ARGS=${BENCH_ARGS:?set BENCH_ARGS to the probe choices: python benchmarks/probe_report.py --bench-arguments}
+mkdir -p "$WORK/logs"
+
+cells() {  # track organ method, one per line
+  for seed in 0 1 2; do
+    for organ in right_kidney aorta stomach; do
+      for method in arena-r64 lora-r64 arena-r4 lora-r4 fft lp; do echo "base $organ $method $seed"; done
+    done
+    for method in arena-r64 lora-r64 arena-r4 lora-r4 fft; do echo "novel pancreas $method $seed"; done
+  done
+}
+
+start() {  # track organ method seed
+  local left=0 name="$1-$2-$3-s$4"  # 0: timeout's "no limit"
+  if [ -n "${DEADLINE:-}" ]; then
+    left=$((DEADLINE - $(date +%s)))
+    [ "$left" -gt 0 ] || { echo "past the deadline, not started: $name"; return; }
+  fi
+  echo "$(date -u +%H:%M) start: $name"
+  # shellcheck disable=SC2086  # BENCH_ARGS holds several options on purpose
+  OMP_NUM_THREADS=1 timeout --signal=INT "$left" "$ARENASEG" bench --preset btcv-fs --data "$DATA" \
+    --out "$WORK/$name" --tracks "$1" --organs "$2" --methods "$3" --seeds "$4" --shots 5 --workers 1 --threads 1 \
+    --export-to "$DEST" $BENCH_ARGS >"$WORK/logs/$name.log" 2>&1 &
+}
+
+cells | {
+  while read -r track organ method seed; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 10; done
+    start "$track" "$organ" "$method" "$seed"
+  done
+  wait
+}
