@@ -4,10 +4,10 @@
 # and started again at any point.
 # Checkpoints are gitignored; at a session's end, commit a low-rank run's with `git add -f` (about 1 MB) to resume it.
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
-#   phases, in the default order: budget novel lambda lambda-novel, the runs the choices need (lambda-novel runs
-#   on the novel organ under the decoder policy that criterion 2 chose, so its runs wait until that choice is
-#   made, while later runs go ahead); on request, runs no choice depends on (criterion 1 would count them):
-#   ranks, and lambda-rest
+#   phases, in the default order: budget novel lambda lambda-novel lambda-rest, the runs the choices need
+#   (lambda-novel and lambda-rest run on the novel organ under the decoder policy that criterion 2 chose, so their
+#   runs wait until that choice is made, while later runs go ahead); on request, ranks (no choice depends on it,
+#   and criterion 1 would count it)
 # On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
 # DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 # JOBS counts every probe run on the machine, this script's or not, so a restarted script does not overload it.
@@ -37,7 +37,7 @@ runs() {
         # pancreas, λ 0.3 is ruled out by its r16 loss (0.044 above λ 0's), so the λ 0.1 pair may decide alone
         for lam in 0.1 0; do for m in arena-r16 arena-r64; do
           echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done ;;
-      lambda-rest)  # completes the pancreas λ table; criterion 3 needs it only if no λ qualifies
+      lambda-rest)  # last: criterion 3 needs it only if no λ qualifies, as the λ 0.1 and 0 runs showed
         echo "--organ pancreas --method arena-r64 --decoder @decoder" ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
         for m in lora-r16 lora-r4 arena-r4; do
@@ -91,6 +91,6 @@ launch() {  # run the argument lines on stdin, JOBS at a time; @decoder lines on
 }
 
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(budget novel lambda lambda-novel)
+[ ${#phases[@]} -gt 0 ] || phases=(budget novel lambda lambda-novel lambda-rest)
 runs "${phases[@]}" | launch
 $PY benchmarks/probe_report.py
