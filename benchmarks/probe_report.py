@@ -253,7 +253,8 @@ def choose_lambda(runs: list[dict], chosen_decoder: str | None) -> tuple[float |
     if missing:
         return None, [*lines, f"no λ qualifies; the best mean volume Dice decides, and waits for: {', '.join(missing)}"]
     mean = {x: statistics.fmean(end_dice(wanted[k]) for k in wanted if k[2] == x) for x in LAMBDAS}
-    return max(mean, key=mean.get), [*lines, "no λ qualifies: the best mean volume Dice decides"]
+    means = ", ".join(f"λ {x:g} {mean[x]:.2f}" for x in sorted(mean, reverse=True))
+    return max(mean, key=mean.get), [*lines, f"no λ qualifies: the best mean volume Dice decides ({means})"]
 
 
 def check_largest_component(runs: list[dict]) -> tuple[str | None, list[str]]:
