@@ -52,8 +52,8 @@ def test_alpha_is_lora_alpha_everywhere() -> None:
     for config in (AdaptOptions, ArenaConfig):
         assert config(rank=8).scaling == 1.0 and config(rank=8).lora_alpha == 8.0
         assert config(rank=8, alpha=24).scaling == 3.0
-    arena = AdaptOptions(rank=8, alpha=24, lam=0.1).arena_config(["qkv"])
-    assert (arena.rank, arena.alpha, arena.scaling, arena.lam, arena.target_modules) == (8, 24, 3.0, 0.1, ["qkv"])
+    arena = AdaptOptions(rank=8, alpha=24, lam=0.2).arena_config(["qkv"])
+    assert (arena.rank, arena.alpha, arena.scaling, arena.lam, arena.target_modules) == (8, 24, 3.0, 0.2, ["qkv"])
 
 
 def test_options_round_trip_and_read_files_written_before_the_optimizer_moved_out() -> None:

@@ -42,7 +42,7 @@ def test_zero_shot_row_evaluates_the_model_s_own_class_without_training(phantoms
     assert torch.equal(head.weight[0], full.weight[1] - full.weight[0])
     assert torch.equal(head.bias[0], full.bias[1] - full.bias[0])
     # Training settings and method options cannot shape an untrained row: it stays the same cell under others.
-    other = dataclasses.replace(zero_shot, train=TrainSettings(steps=300), options=AdaptOptions(lam=0.1))
+    other = dataclasses.replace(zero_shot, train=TrainSettings(steps=250), options=AdaptOptions(lam=0.5))
     assert signature_mismatch(other, record) is None
     other_precision = dataclasses.replace(zero_shot, train=TrainSettings(precision="bf16"))
     assert "train.precision" in signature_mismatch(other_precision, record)
@@ -152,7 +152,7 @@ def test_a_cell_counts_only_when_every_option_protocol_and_track_match(phantoms,
     row = result_row("arena-r4", record)
     assert (row["track"], row["protocol"], row["decoder"]) == ("novel", "btcv-fs-v2", this.options.decoder)
     assert signature_mismatch(this, record) is None
-    for change in ({"rho": 0.5}, {"v_gradient": "plain"}, {"alpha": 2.0}, {"freeze_pruned": True}, {"lam": 0.1}):
+    for change in ({"rho": 0.5}, {"v_gradient": "plain"}, {"alpha": 2.0}, {"freeze_pruned": True}, {"lam": 0.5}):
         other = dataclasses.replace(this, options=dataclasses.replace(this.options, **change))
         (key,) = change
         assert signature_mismatch(other, record) == (

@@ -213,7 +213,8 @@ def stat_columns(
 
 
 def provenance(rows: Sequence[dict]) -> str:
-    """Which cells, commits, models, devices and settings a table's numbers come from."""
+    """Which cells, commits, models, devices and settings a table's numbers come from; the training settings are
+    the trained cells' (a zero-shot row records defaults it never used)."""
 
     def distinct_in(subset: Sequence[dict], key: str) -> str:
         values = sorted({str(r[key]) for r in subset if r.get(key) is not None})
@@ -222,13 +223,16 @@ def provenance(rows: Sequence[dict]) -> str:
     def distinct(key: str) -> str:
         return distinct_in(rows, key)
 
+    def trained(key: str) -> str:
+        return distinct_in([r for r in rows if r["method"] != ZERO_SHOT], key)
+
     arena = [r for r in rows if r["lam"] is not None]
     return (
         f"_From {len(rows)} finished cells; protocol {distinct('protocol')}, precision {distinct('precision')}; "
         f"commit(s) {distinct('commit')}; model(s) {distinct('model')} (sha256 {distinct('model_sha256')}); "
-        f"loss {distinct('loss')}; device(s) {distinct('device')}; step cap {distinct('steps')}, "
-        f"patches/step {distinct('patches_per_step')}, lr {distinct('lr')} (head x{distinct('head_lr_scale')}), "
-        f"decoder {distinct('decoder')}, spacing {distinct('spacing')} mm, patch {distinct('patch')}, "
+        f"loss {trained('loss')}; device(s) {distinct('device')}; step cap {trained('steps')}, "
+        f"patches/step {trained('patches_per_step')}, lr {trained('lr')} (head x{trained('head_lr_scale')}), "
+        f"decoder {trained('decoder')}, spacing {distinct('spacing')} mm, patch {distinct('patch')}, "
         f"intensity {distinct('intensity')}"
         + (f", ARENA lambda {distinct_in(arena, 'lam')}, rho {distinct_in(arena, 'rho')}" if arena else "")
         + "._"

@@ -33,7 +33,7 @@ class TrainSettings(Config):
 
     error = UserError
 
-    steps: int = integer(100, 1)
+    steps: int = integer(300, 1)  # protocol v2's probe choice: benchmarks/results/probe/README.md
     patches_per_step: int = integer(2, 1)
     lr: float = same_as(OptimizerSettings, "lr")
     head_lr_scale: float = same_as(OptimizerSettings, "head_lr_scale")
