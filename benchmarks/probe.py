@@ -119,9 +119,11 @@ def main() -> None:
     sampler = PatchSampler(volumes(train_cases), preprocess, settings.patches_per_step, settings.seed)
     held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
 
+    # ARENA's lambda and rho as resolved: the library's defaults may change after the run
+    given_args = {**vars(args), **({"lam": options.lam, "rho": options.rho} if method == "arena" else {})}
     record = {
         "command": "python benchmarks/probe.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given_args.items() if v is not None),
         "git_commit": git_commit(),
         "model": args.model,
         "model_sha256": file_digest(model_file(args.model))[:12],

@@ -20,17 +20,19 @@ PY=${PY:-.venv/bin/python}
 LOGS=${LOGS:-benchmarks/results/probe/logs}
 mkdir -p "$LOGS"
 
+V1_LAM=0.3  # the library's λ before criterion 3 chose 0.1: the ARENA runs below without their own λ used it
+
 runs() {
   for phase in "$@"; do
     case $phase in
       budget)  # criterion 1 (budget): every method family on the base organ
-        for m in lora-r64 arena-r64 lp fft; do
+        for m in lora-r64 "arena-r64 --lam $V1_LAM" lp fft; do
           echo "--organ right_kidney --method $m"; done ;;
       novel)  # criterion 2: the decoder policy, LoRA and ARENA at r16 (low-rank first: their checkpoints commit)
-        for d in frozen lowrank full; do for m in lora-r16 arena-r16; do
+        for d in frozen lowrank full; do for m in lora-r16 "arena-r16 --lam $V1_LAM"; do
           echo "--organ pancreas --method $m --decoder $d"; done; done ;;
       lambda)  # criterion 3 on the base organ (ARENA r64 at the default lambda is a budget run)
-        echo "--organ right_kidney --method arena-r16"
+        echo "--organ right_kidney --method arena-r16 --lam $V1_LAM"
         for lam in 0 0.1; do for m in arena-r16 arena-r64; do
           echo "--organ right_kidney --method $m --lam $lam"; done; done ;;
       lambda-novel)  # criterion 3 on the novel organ; @decoder: the policy criterion 2 chose. λ 0.1 first: on the
@@ -38,9 +40,9 @@ runs() {
         for lam in 0.1 0; do for m in arena-r16 arena-r64; do
           echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done ;;
       lambda-rest)  # last: criterion 3 needs it only if no λ qualifies, as the λ 0.1 and 0 runs showed
-        echo "--organ pancreas --method arena-r64 --decoder @decoder" ;;
+        echo "--organ pancreas --method arena-r64 --lam $V1_LAM --decoder @decoder" ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
-        for m in lora-r16 lora-r4 arena-r4; do
+        for m in lora-r16 lora-r4 "arena-r4 --lam $V1_LAM"; do
           echo "--organ right_kidney --method $m"; done ;;
       *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
