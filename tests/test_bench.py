@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from arenaseg.adapters.config import NEW_HEAD_DECODER
 from arenaseg.bench import runner
 from arenaseg.bench.grid import (
     BTCV_ORGAN_ORDER,
+    CELLS_DIR,
     DEFAULT_METHODS,
     ERROR_FILE,
     RESULTS_FILE,
@@ -34,6 +36,7 @@ from arenaseg.models.foundation import save_foundation
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import TrainSettings
+from arenaseg.utils.atomic import folder_lock
 from arenaseg.utils.device import device_kind
 
 TEST_CASE = "phantom_0004"
@@ -286,7 +289,9 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     committed = tmp_path / "committed"
     exported = export_results(out, committed)
     assert sorted(p.relative_to(committed) for p in exported) == sorted(c.rel_dir for c in cells)
-    assert {p.name for p in committed.rglob("*") if p.is_file()} == {pipeline.RUN_FILE, pipeline.METRICS_FILE}
+    cell_files = {p.name for p in (committed / CELLS_DIR).rglob("*") if p.is_file()}
+    assert cell_files == {pipeline.RUN_FILE, pipeline.METRICS_FILE}
+    assert read_rows(committed) == read_rows(out)  # its results.csv lists the exported cells
 
     later = tmp_path / "later"
     summary = run_bench(cells, later, job_overrides=overrides, results_from=committed)
@@ -301,6 +306,19 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     assert "train" in signature_mismatch(other_steps, record)
     retrained = replace(record, model_sha256="0" * 64)  # same model name, other weights (e.g. a re-pretrained built-in)
     assert "model_sha256" in signature_mismatch(cell_job(cells[0], later, overrides), retrained)
+
+
+def test_an_export_waits_for_another_into_the_same_folder(in_process, tmp_path):
+    """Two benches exporting at once must not write back each other's older results.csv: the second waits."""
+    out, _ = in_process
+    committed = tmp_path / "committed"
+    with folder_lock(committed):
+        export = threading.Thread(target=export_results, args=(out, committed))
+        export.start()
+        export.join(timeout=1.0)
+        assert export.is_alive() and not (committed / RESULTS_FILE).exists()
+    export.join(timeout=60)
+    assert not export.is_alive() and read_rows(committed) == read_rows(out)
 
 
 def test_committed_gpu_results_never_count_for_a_cpu_bench(grid, in_process, tmp_path):

@@ -467,7 +467,7 @@ def add_bench_parsers(sub) -> None:
         "--export-to",
         default=None,
         help="after the run, copy the finished cells' run.json/metrics.json into this folder, e.g. "
-        f"{btcv.results.format(device='cpu')} (default: none)",
+        f"{btcv.results.format(device='cpu')}, and rebuild its results.csv (default: none)",
     )
     _add_preprocess_args(p)
     _add_device_arg(p)

@@ -21,7 +21,7 @@ from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read
 from arenaseg.pipeline import METRICS_FILE, REFERENCE_METHODS, RUN_FILE, resolve_test_cases, support_pool
 from arenaseg.run_record import METRICS, RunRecord
 from arenaseg.train.loop import recorded_settings
-from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.atomic import atomic_path, folder_lock
 from arenaseg.utils.errors import UserError
 
 CELLS_DIR, RESULTS_FILE, ERROR_FILE = "cells", "results.csv", "error.txt"
@@ -525,11 +525,14 @@ def copy_cell_results(src: Path, dst: Path) -> None:
 
 def export_results(out: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
     """Copy every finished cell's run.json/metrics.json from ``out`` into ``dest`` (same layout), e.g. into a
-    preset's committed results folder; returns the cell folders written."""
+    preset's committed results folder, and rebuild ``dest``'s results.csv; returns the cell folders written.
+    Benches exporting into one ``dest`` at once take turns, so its results.csv lists every cell."""
     out, dest = Path(out), Path(dest)
     written = []
-    for folder, _ in finished_cells(out):
-        target = dest / folder.relative_to(out)
-        copy_cell_results(folder, target)
-        written.append(target)
+    with folder_lock(dest):
+        for folder, _ in finished_cells(out):
+            target = dest / folder.relative_to(out)
+            copy_cell_results(folder, target)
+            written.append(target)
+        rebuild_results(dest)
     return written

@@ -1,8 +1,10 @@
-"""Write-then-rename helpers: a killed process never leaves a half-written artifact under its final name."""
+"""Write-then-rename helpers: a killed process never leaves a half-written artifact under its final name; and a
+folder lock for writers that share a folder."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -23,6 +25,20 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``folder``, waiting for it: processes that add files to one folder and
+    then rebuild a summary of it take turns, so a slower one never writes back an older view over a newer one.
+    The kernel releases the lock when a process dies."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:
