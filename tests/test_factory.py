@@ -221,10 +221,27 @@ def test_rank_report_counts_active_components_and_their_parameters() -> None:
         active = 2 if i % 2 else 0
         assert (entry["initial_rank"], entry["active_rank"], entry["allocated_rank"]) == (RANK, active, RANK)
         assert entry["params"] == active * (base.in_features + base.out_features + 1)
+        assert entry["full_rank"] == min(base.in_features, base.out_features)
     assert report["totals"]["active_rank"] == 2 * (len(names) // 2)
     assert report["totals"]["params"] == sum(e["params"] for e in report["layers"].values())
     table = format_rank_table(report)
     assert names[1] in table and f"total ({len(names)} layers)" in table
+    assert "can be independent" not in table  # every layer is wider than RANK
+
+
+@pytest.mark.parametrize("method", ["arena", "lora"])
+def test_a_rank_above_a_layers_width_counts_as_that_width_in_the_usable_rank(method: str) -> None:
+    """The tiny model's first stage is 12 wide: at rank 16 its layers hold 4 redundant components each."""
+    adapted = adapt_model(fresh_model(), method, AdaptOptions(rank=16))
+    with torch.no_grad():
+        for layer in arena_layers(adapted.network).values():
+            layer.arena_v.fill_(1.0)  # ARENA's gates start at zero: switch every component on
+    report = rank_report(adapted.network)
+    narrow = [e for e in report["layers"].values() if e["full_rank"] < 16]
+    assert narrow and all(e["full_rank"] == 12 and e["active_rank"] == 16 for e in narrow)
+    totals = report["totals"]
+    assert totals["usable_rank"] == totals["active_rank"] - 4 * len(narrow)
+    assert f"at most {totals['usable_rank']} can be independent" in format_rank_table(report)
 
 
 def snapshot(model: nn.Module) -> tuple:

@@ -223,7 +223,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"support cases: {', '.join(record.support_cases)}")
     print(f"trainable parameters: {record.trainable_params:,}; {record.seconds_per_step:.2f} s/step")
     if record.active_rank_total is not None:
-        print(f"ARENA total active rank: {record.active_rank_total}")
+        totals = record.rank_report["totals"]
+        print(
+            f"ARENA total active rank: {record.active_rank_total} of {totals['initial_rank']}, of which at most "
+            f"{totals['usable_rank']} independent (a layer's update has at most min(in, out) components)"
+        )
     if record.evaluated:
         print(
             f"mean Dice {record.mean_dice:.2f}%  mean HD95 {record.mean_hd95:.2f} mm  "

@@ -6,7 +6,11 @@ Every low-rank method is reported in the same terms so that tables compare like 
 - ``allocated_rank``: the rank its tensors have now (ARENA shrinks it when pruned; the others keep it);
 - ``active_rank``: the components that change the layer's function (ARENA: gates v != 0; AdaLoRA: its budgeted,
   unmasked triplets; LoRA, DoRA, PiSSA: the fixed rank);
+- ``full_rank``: min(in, out) of the layer's update, the most independent components any rank can give it (a
+  small layer adapted at a large rank holds redundant components, active or not);
 - ``params``: the adapter parameters that the active components need (DoRA adds its magnitude vector).
+
+The totals add ``usable_rank``, the sum over layers of min(active_rank, full_rank).
 """
 
 from __future__ import annotations
@@ -28,15 +32,21 @@ def _per_component(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
     return math.prod(a_shape[1:]) + b_shape[0]
 
 
+def _full_rank(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """min(in, out) of an update B A: a row of A spans the layer's input (times a kernel), a column of B its output."""
+    return min(math.prod(a_shape[1:]), b_shape[0])
+
+
 def _arena_entry(layer: ArenaLayer) -> dict:
     active = layer.active_rank()
-    per = _per_component(tuple(layer.arena_A.shape), tuple(layer.arena_B.shape)) + 1  # + its gate v
+    shapes = tuple(layer.arena_A.shape), tuple(layer.arena_B.shape)
     return {
         "kind": "arena",
         "initial_rank": layer.initial_rank,
         "allocated_rank": layer.arena_v.numel(),
         "active_rank": active,
-        "params": active * per,
+        "full_rank": _full_rank(*shapes),
+        "params": active * (_per_component(*shapes) + 1),  # + its gate v
     }
 
 
@@ -50,6 +60,7 @@ def _adalora_entry(layer: AdaLoraLayer, budget: int | None) -> dict:
         "initial_rank": rank,
         "allocated_rank": rank,
         "active_rank": active,
+        "full_rank": _full_rank(tuple(a.shape), tuple(b.shape)),
         "params": active * per,
     }
 
@@ -66,6 +77,7 @@ def _lora_entry(layer: LoraLayer) -> dict:
         "initial_rank": rank,
         "allocated_rank": rank,
         "active_rank": rank,
+        "full_rank": _full_rank(tuple(a.shape), tuple(b.shape)),
         "params": params,
     }
 
@@ -85,23 +97,28 @@ def rank_report(model: nn.Module, budgets: Mapping[str, int] | None = None) -> d
             layers[name] = _adalora_entry(module, budgets.get(name))
         elif isinstance(module, LoraLayer):
             layers[name] = _lora_entry(module)
-    keys = ("initial_rank", "allocated_rank", "active_rank", "params")
+    keys = ("initial_rank", "allocated_rank", "active_rank", "full_rank", "params")
     totals = {key: sum(entry[key] for entry in layers.values()) for key in keys}
+    totals["usable_rank"] = sum(min(e["active_rank"], e["full_rank"]) for e in layers.values())
     return {"layers": layers, "totals": {"layers": len(layers), **totals}}
 
 
 def format_rank_table(report: dict) -> str:
     """A fixed-width table of ``rank_report``'s output, one line per layer plus the totals."""
-    rows = [(name, e["kind"], e["initial_rank"], e["active_rank"], e["params"]) for name, e in report["layers"].items()]
+    keys = ("initial_rank", "active_rank", "full_rank", "params")
+    rows = [(name, e["kind"], *(e[k] for k in keys)) for name, e in report["layers"].items()]
     totals = report["totals"]
-    rows.append(
-        (f"total ({totals['layers']} layers)", "", totals["initial_rank"], totals["active_rank"], totals["params"])
-    )
+    rows.append((f"total ({totals['layers']} layers)", "", *(totals[k] for k in keys)))
     width = max([len("layer"), *(len(r[0]) for r in rows)])
-    header = f"{'layer':<{width}}  {'kind':<7}  {'initial':>7}  {'active':>6}  {'params':>10}"
+    header = f"{'layer':<{width}}  {'kind':<7}  {'initial':>7}  {'active':>6}  {'full':>6}  {'params':>10}"
     lines = [header, "-" * len(header)]
-    for i, (name, kind, initial, active, params) in enumerate(rows):
+    for i, (name, kind, initial, active, full, params) in enumerate(rows):
         if i == len(rows) - 1:
             lines.append("-" * len(header))
-        lines.append(f"{name:<{width}}  {kind:<7}  {initial:>7}  {active:>6}  {params:>10,}")
+        lines.append(f"{name:<{width}}  {kind:<7}  {initial:>7}  {active:>6}  {full:>6}  {params:>10,}")
+    if totals["usable_rank"] < totals["active_rank"]:
+        lines.append(
+            f"full = min(in, out): of the {totals['active_rank']} active components, at most "
+            f"{totals['usable_rank']} can be independent; the rest repeat directions of layers narrower than the rank"
+        )
     return "\n".join(lines)
