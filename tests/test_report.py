@@ -226,6 +226,31 @@ def test_rank_table_and_spread_per_track(bench):
                 assert rows[label][f"r={r}"].removesuffix(" (n=2)") == fmt(values)
             means = [statistics.fmean(v) for v in per_rank.values()]
             assert rows[label]["spread"] == f"{max(means) - min(means):.1f}"
+            assert rows[label]["r=64 - r=4"] == f"{means[2] - means[0]:+.1f}"
+        assert "Spread and change over r=4, r=16, r=64." in section(report, f"{track} track, {V2}: rank robustness")
+
+
+def test_rank_spread_over_the_ranks_both_families_ran(tmp_path):
+    """The decisive grid runs r = 4 and 64 only, and ARENA alone r = 16: both spreads are over r = 4 and 64."""
+    cells = [("base", m, o, 5, 0) for m in ("lora-r4", "lora-r64", *RANKED[3:]) for o in BASE_ORGANS]
+    records = write_cells(tmp_path, cells)
+    rebuild_results(tmp_path)
+    text = section(write_report(tmp_path).read_text(), f"base track, {V2}: rank robustness")
+    rows = table(text)
+    assert rows["LoRA"]["r=16"] == MISSING
+    for family, label in (("lora", "LoRA"), ("arena", "ARENA")):
+        means = [statistics.fmean(organ_means(records, "base", f"{family}-r{r}", 5, BASE_ORGANS)) for r in (4, 64)]
+        assert rows[label]["spread"] == f"{max(means) - min(means):.1f}"
+        assert rows[label]["r=64 - r=4"] == f"{means[1] - means[0]:+.1f}"
+    assert "Spread and change over r=4, r=64." in text
+
+    # with one common rank there is nothing to compare
+    only_r4 = tmp_path / "r4"
+    write_cells(only_r4, [c for c in cells if c[1] in ("lora-r4", "arena-r4", "arena-r64")])
+    rebuild_results(only_r4)
+    rows = table(section(write_report(only_r4).read_text(), f"base track, {V2}: rank robustness"))
+    assert rows["LoRA"]["spread"] == rows["ARENA"]["spread"] == MISSING
+    assert rows["ARENA"]["highest - lowest r"] == MISSING
 
 
 def test_training_table_final_loss_and_steps(bench):

@@ -304,18 +304,31 @@ def _family_ranks(rows: Sequence[dict]) -> list[int]:
 
 
 def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
+    """Dice by initial rank, the spread over ranks and the signed change from the lowest to the highest rank.
+
+    Both summaries compare families, so they use the same ranks for each: those every family has run. The signed
+    change is the paper's question: negative when over-ranking hurts, positive when more rank helps."""
     used = [r for r in rows if r["base_method"] in RANK_FAMILIES and r["shots"] == RANK_K]
-    ranks = _family_ranks(used)
     families = list(RANK_FAMILIES)
+    ranks = _family_ranks(used)
     stats = {f"r={r}": [organ_mean(used, f"{f}-r{r}", RANK_K, organs, "mean_dice") for f in families] for r in ranks}
-    spreads = []
-    for i in range(len(families)):
-        means = [s[i].mean if s[i] else None for s in stats.values()]
-        spreads.append(None if None in means else max(means) - min(means))
+    common = [r for r in ranks if all(stats[f"r={r}"])]
     header, columns = stat_columns([RANK_FAMILIES[f] for f in families], stats, {})
-    spread_cells = [MISSING if s is None else f"{s:.1f}" for s in spreads]
-    columns.append(bold_best(spreads, spread_cells, min))
-    return markdown_table([*header, "spread"], columns) + "\n\n" + provenance(used)
+    change = f"r={common[-1]} - r={common[0]}" if len(common) >= 2 else "highest - lowest r"
+    for name, summary, better in (
+        ("spread", lambda means: max(means) - min(means), min),
+        (change, lambda means: means[-1] - means[0], max),
+    ):
+        values = [None] * len(families)
+        if len(common) >= 2:
+            values = [summary([stats[f"r={r}"][i].mean for r in common]) for i in range(len(families))]
+        cells = [MISSING if v is None else f"{v:+.1f}" if name == change else f"{v:.1f}" for v in values]
+        header.append(name)
+        columns.append(bold_best(values, cells, better))
+    over = (
+        ", ".join(f"r={r}" for r in common) if len(common) >= 2 else "none: fewer than two ranks every family has run"
+    )
+    return markdown_table(header, columns) + f"\n\nSpread and change over {over}.\n\n" + provenance(used)
 
 
 def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
@@ -535,8 +548,8 @@ def track_section(
     parts += [
         f"### {title}: rank robustness",
         "",
-        f"Dice (%) at k={RANK_K}, mean over {listed}, by initial rank r; spread = max - min over r "
-        "(lower is more robust).",
+        f"Dice (%) at k={RANK_K}, mean over {listed}, by initial rank r; spread = max - min and the change from the "
+        "lowest to the highest r, both over the ranks every family has run (named under the table).",
         "",
         table_ranks(used, organs),
         "",
