@@ -86,6 +86,37 @@ def test_predict_and_evaluate_reproduce_the_runs_own_metrics_on_phantoms(tmp_pat
     assert_same_numbers(predict_and_evaluate(out, data, "phantom_0004", "spleen", tmp_path), own)
 
 
+def test_support_loss_is_measured_again_from_the_saved_adapter(phantoms, tiny_foundation, tmp_path):
+    """run.json's support_loss is the shipped model's mean loss on the batches of the last training steps: measured
+    again from the saved adapter and the recorded support cases (how runs recorded before the field get it), it is
+    the same number, up to float arithmetic only. A Dice loss lies in [0, 1]."""
+    out = tmp_path / "run"
+    assert main(adapt_args(phantoms, tiny_foundation, out, "--test-cases", "none", "--rank", "4", steps="3")) == 0
+    recorded = json.loads((out / "run.json").read_text())["support_loss"]
+    assert 0.0 <= recorded <= 1.0
+    assert pipeline.remeasure_support_loss(out) == pytest.approx(recorded, rel=1e-6, abs=1e-6)
+
+
+def test_support_loss_averages_the_batches_of_the_last_steps(phantoms):
+    """With a model that calls every voxel the organ, each batch's Dice loss depends on that batch's labels only, so
+    the mean says which batches were used: those of steps [done - last, done), however many steps ran."""
+    from arenaseg.data.datasets import open_dataset
+    from arenaseg.data.preprocess import PreprocessSettings, load_cases
+    from arenaseg.train.loop import TrainSettings, loss_function, support_loss
+
+    settings = TrainSettings(patches_per_step=1)
+    data, preprocess = open_dataset(phantoms), PreprocessSettings(patch_size=(32, 32, 32))
+    volumes = load_cases(data, ["phantom_0001", "phantom_0002"], {"liver": 1}, preprocess)
+    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, seed=0)
+    everywhere = torch.nn.Conv3d(1, 1, 1)
+    torch.nn.init.zeros_(everywhere.weight), torch.nn.init.constant_(everywhere.bias, 20.0)
+    loss_fn = loss_function(settings.cross_entropy)
+    per_step = [loss_fn(everywhere(sampler.batch(step)[0]), sampler.batch(step)[1]).item() for step in range(8)]
+    assert max(per_step) - min(per_step) > 0.01  # the batches differ, so a wrong window would show
+    assert support_loss(everywhere, sampler, 8, settings, last=3) == pytest.approx(np.mean(per_step[5:8]), abs=1e-6)
+    assert support_loss(everywhere, sampler, 2, settings, last=3) == pytest.approx(np.mean(per_step[:2]), abs=1e-6)
+
+
 def test_support_draw_is_the_same_for_every_method(phantoms, tiny_foundation, tmp_path):
     draws = []
     for method in ("lp", "arena"):

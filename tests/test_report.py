@@ -67,6 +67,7 @@ def fake_record(track: str, name: str, organ: str, k: int, seed: int, precision:
         "steps_done": 0 if k == 0 else rng.randint(150, 400),
         "stopped_early": k > 0 and rng.random() < 0.5,
         "final_loss": None if k == 0 else rng.uniform(0.2, 0.9),
+        "support_loss": None if k == 0 or seed == 1 else rng.uniform(0.1, 0.6),  # seed 1: recorded before the field
         "seconds_per_step": None if k == 0 else rng.uniform(2.0, 4.0),
         "train_seconds": 300.0,
         "eval_seconds": 20.0,
@@ -253,16 +254,20 @@ def test_rank_spread_over_the_ranks_both_families_ran(tmp_path):
     assert rows["ARENA"]["highest - lowest r"] == MISSING
 
 
-def test_training_table_final_loss_and_steps(bench):
+def test_training_table_support_loss_last_step_loss_and_steps(bench):
+    """Means over each method's cells; the support loss over the cells that recorded it."""
     _, records, _, report = bench
     rows = table(section(report, f"base track, {V2}: training"))
     assert "zero-shot" not in rows  # trains nothing
     for method in ("fft", "arena-r64"):
         cells = [r for key, r in records.items() if key[:2] == ("base", method) and key[3] == 5]
-        assert rows[method]["final loss k=5"] == f"{statistics.fmean(r['final_loss'] for r in cells):.3f}"
+        measured = [r["support_loss"] for r in cells if r["support_loss"] is not None]
+        assert 0 < len(measured) < len(cells)
+        assert rows[method]["support loss k=5"] == f"{statistics.fmean(measured):.3f}"
+        assert rows[method]["last-step loss k=5"] == f"{statistics.fmean(r['final_loss'] for r in cells):.3f}"
         assert rows[method]["steps run k=5"] == f"{statistics.fmean(r['steps_done'] for r in cells):.0f}"
         assert rows[method]["stopped early k=5"] == f"{sum(r['stopped_early'] for r in cells)}/{len(cells)}"
-    assert rows["adalora-r16"]["final loss k=1"] == MISSING
+    assert rows["adalora-r16"]["support loss k=1"] == rows["adalora-r16"]["last-step loss k=1"] == MISSING
 
 
 def test_efficiency_relative_to_lora_at_the_same_rank(bench):

@@ -40,7 +40,7 @@ from arenaseg.evaluate.inference import (
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
 from arenaseg.run_record import METRICS, RunRecord
-from arenaseg.train.loop import TrainResult, TrainSettings, train_adapter
+from arenaseg.train.loop import TrainResult, TrainSettings, recorded_settings, support_loss, train_adapter
 from arenaseg.utils.atomic import write_json
 from arenaseg.utils.device import resolve_device
 from arenaseg.utils.errors import UserError
@@ -337,6 +337,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
             )
     trainable_while_training = 0 if zero_shot else adapted.trainable_params
     adapted.finalize()  # e.g. ARENA's pruning to the active rank
+    fit = None if zero_shot else support_loss(adapted.model, sampler, result.steps_done, settings)
     save_adapter(adapted, out, job.preprocess.to_dict())
     report = adapted.rank_report()
 
@@ -361,6 +362,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
         steps_done=result.steps_done,
         stopped_early=result.stopped_early,
         final_loss=result.final_loss,
+        support_loss=fit,
         seconds_per_step=result.seconds_per_step,
         train_seconds=round(result.train_seconds, 1),
         peak_mem_mb=peak_memory_mb(device),
@@ -460,6 +462,20 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise UserError(f"{run_dir / 'adapter_config.json'} does not describe a usable adapter: {err!r}") from err
     adapted.model.to(resolve_device(device))
     return adapted, record
+
+
+def remeasure_support_loss(run_dir: str | Path, data: str | Path | None = None, device: str = "cpu") -> float:
+    """A finished run's ``support_loss`` measured again from its saved adapter, e.g. for runs recorded before the
+    field existed; ``data``: the dataset folder, when it moved since the run (default: the one run.json records)."""
+    adapted, record = load_run(run_dir, device)
+    if not record.support_cases:
+        raise UserError(f"{run_dir} trained on no support scans (a {record.method} run): it has no support loss")
+    dataset = open_dataset(data or record.data)
+    preprocess = PreprocessSettings.from_dict(record.preprocess)
+    settings = TrainSettings(**recorded_settings(record.train))
+    volumes = load_cases(dataset, record.support_cases, {record.organ: 1}, preprocess)
+    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed)
+    return support_loss(adapted.model, sampler, record.steps_done, settings)
 
 
 def zero_shot_model(model_name: str, organ: str, device: str = "auto"):

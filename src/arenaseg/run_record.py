@@ -50,7 +50,8 @@ class RunRecord:
     # training
     steps_done: int | None = None
     stopped_early: bool | None = None
-    final_loss: float | None = None
+    final_loss: float | None = None  # the last step's: one batch, noisy
+    support_loss: float | None = None  # train.loop.support_loss: the final model's fit to its support scans
     seconds_per_step: float | None = None
     train_seconds: float | None = None
     peak_mem_mb: float | None = None

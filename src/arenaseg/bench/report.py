@@ -33,6 +33,7 @@ from arenaseg.bench.grid import (
 )
 from arenaseg.pipeline import RUN_FILE
 from arenaseg.run_record import RunRecord
+from arenaseg.train.loop import SUPPORT_LOSS_STEPS
 from arenaseg.utils.atomic import atomic_path, write_text
 from arenaseg.utils.errors import UserError
 from arenaseg.utils.precision import DEFAULT_PRECISION
@@ -66,6 +67,7 @@ FLOAT_COLUMNS = (
     "mean_hd95_lcc",
     "mean_nsd_lcc",
     "final_loss",
+    "support_loss",
     "seconds_per_step",
     "peak_mem_mb",
     "train_seconds",
@@ -338,13 +340,18 @@ def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
 
 
 def table_training(rows: Sequence[dict], methods: list[str], shots: list[int]) -> str:
-    """Final training loss and steps run, mean over each method's cells, per k: whether the methods fit."""
+    """Support loss (the final model's mean loss on its last training batches), last step's loss and steps run,
+    mean over each method's cells, per k: whether the methods fit."""
     trained = [m for m in methods if m != ZERO_SHOT]
     columns: list[list[str]] = [trained]
     header = ["Method"]
     for k in shots:
         at_k = [r for r in rows if r["shots"] == k]
-        for key, label, digits in (("final_loss", "final loss", 3), ("steps_done", "steps run", 0)):
+        for key, label, digits in (
+            ("support_loss", "support loss", 3),
+            ("final_loss", "last-step loss", 3),
+            ("steps_done", "steps run", 0),
+        ):
             values = [_mean_of(at_k, m, key) for m in trained]
             columns.append([MISSING if v is None else f"{v:.{digits}f}" for v in values])
             header.append(f"{label} k={k}")
@@ -555,8 +562,10 @@ def track_section(
         "",
         f"### {title}: training",
         "",
-        "Final training loss and steps run, mean over each method's cells of these organs; stopped early: cells "
-        "that stopped on the training-loss plateau before the step cap.",
+        "Means over each method's cells of these organs. Support loss: the final model's mean training loss on the "
+        f"batches of its last {SUPPORT_LOSS_STEPS} steps (how well it fits its support scans); last-step loss: the "
+        "loss of the last step's one batch, noisy; stopped early: cells that stopped on the training-loss plateau "
+        "before the step cap.",
         "",
         table_training(used, methods, shots),
         "",

@@ -137,6 +137,34 @@ def train_adapter(
     )
 
 
+# Batches the support loss averages over: one step's loss is one batch of a few patches and moves by up to 0.5.
+SUPPORT_LOSS_STEPS = 25
+
+
+@torch.no_grad()
+def support_loss(
+    model: torch.nn.Module,
+    sampler: PatchSampler,
+    steps_done: int,
+    settings: TrainSettings,
+    last: int = SUPPORT_LOSS_STEPS,
+) -> float:
+    """How well the final model fits its support scans: its mean training loss (without a method's own terms) on
+    the batches of the last ``last`` steps, in eval mode. Batches depend only on (seed, step), so a finished run's
+    saved adapter gives the same number again; nothing here draws from a global random generator."""
+    device = next(model.parameters()).device
+    loss_fn = loss_function(settings.cross_entropy)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for step in range(max(0, steps_done - last), steps_done):
+        images, labels = sampler.batch(step)
+        with autocast(settings.precision, device):
+            losses.append(loss_fn(model(images.to(device)), labels.to(device)).item())
+    model.train(was_training)
+    return statistics.fmean(losses)
+
+
 def loss_function(cross_entropy: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Dice (+ CE) on float32 logits: under bf16/fp16 autocast the logits come in 16 bits, and Dice's sums over
     whole patches would keep only 8 or 11 significant bits."""
