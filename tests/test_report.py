@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from arenaseg.bench.grid import BASE_ORGANS, PROTOCOL, RESULTS_FILE, cell_dir, parse_method, rebuild_results
-from arenaseg.bench.report import MISSING, learned_ranks, read_results, write_report
+from arenaseg.bench.report import MISSING, full_ranks, learned_ranks, read_results, write_report
 from arenaseg.cli import main
 from arenaseg.utils.errors import UserError
 
 LAYERS = ("swinViT.layers1.0.blocks.0.attn.qkv", "swinViT.layers1.0.blocks.0.mlp.linear1")
+FULL_RANK = {LAYERS[0]: 12}  # a narrow layer (min(in, out)); the other cells' rank reports predate the field
 TESTS = ["btcv_0036", "btcv_0037"]
 RANKED = ("lora-r4", "lora-r16", "lora-r64", "arena-r4", "arena-r16", "arena-r64")
 BASE = ("lp", "fft", *RANKED)  # no adalora-r16: its row is all "–"
@@ -85,6 +86,7 @@ def fake_record(track: str, name: str, organ: str, k: int, seed: int, precision:
     if method == "arena":
         record["ranks"] = {layer: {"initial": rank, "active": rng.randint(0, rank)} for layer in LAYERS}
         record["active_rank_total"] = sum(e["active"] for e in record["ranks"].values())
+        record["rank_report"]["layers"] = {layer: {"full_rank": full} for layer, full in FULL_RANK.items()}
     return record
 
 
@@ -310,6 +312,14 @@ def test_learned_ranks_are_the_mean_over_seeds_of_the_track_cells(bench):
                 records["novel", "arena-r16", organ, 5, s]["ranks"][layer]["active"] for s in (0, 1, 2)
             )
             assert found[layer, organ] == expected
+
+
+def test_full_ranks_come_from_the_cells_rank_reports(bench):
+    """The heatmap marks layers above their full rank: only where a cell recorded it, never guessed."""
+    out, _, _, _ = bench
+    rows = [r for r in read_results(out / RESULTS_FILE) if r["track"] == "novel"]
+    assert full_ranks(out, rows, "arena-r16") == FULL_RANK
+    assert full_ranks(out, rows, "lora-r16") == {}  # records no per-layer report here
 
 
 def test_tracks_and_organs_chosen_from_the_cli(bench, capsys):

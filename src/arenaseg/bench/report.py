@@ -469,8 +469,22 @@ def learned_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[tuple[st
     return {key: statistics.fmean(values) for key, values in ranks.items()}
 
 
+def full_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[str, int]:
+    """layer -> full rank (min(in, out) of its update: no more independent components exist) as the method's cells
+    recorded it in their rank report (cells from before the field lack it)."""
+    found = {}
+    for r in rows:
+        run = out / cell_dir(r["track"], method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
+        if r["method"] == method and run.is_file():
+            for layer, entry in RunRecord.read(run).rank_report.get("layers", {}).items():
+                if "full_rank" in entry:
+                    found[layer] = entry["full_rank"]
+    return found
+
+
 def plot_learned_ranks(out: Path, rows: Sequence[dict], methods: list[str], path: Path) -> Path | None:
-    """One heatmap (layers x organs) per ARENA method, on shared axes so that the methods compare at a glance."""
+    """One heatmap (layers x organs) per ARENA method, on shared axes so that the methods compare at a glance; a +
+    marks a layer that keeps more active components than its full rank (the excess adds no new direction)."""
     arena = [m for m in methods if any(r["method"] == m and r["base_method"] == "arena" for r in rows)]
     maps = {m: found for m in arena if (found := learned_ranks(out, rows, m))}
     if not maps:
@@ -482,8 +496,16 @@ def plot_learned_ranks(out: Path, rows: Sequence[dict], methods: list[str], path
     for ax, (method, found) in zip(axes, maps.items(), strict=True):
         grid = np.array([[found.get((layer, organ), np.nan) for organ in organs] for layer in layers])
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0)
+        full = full_ranks(out, rows, method)
+        over = [
+            (i, j) for i, layer in enumerate(layers) for j in range(len(organs)) if grid[i, j] > full.get(layer, np.inf)
+        ]
+        for i, j in over:
+            ax.text(j, i, "+", ha="center", va="center", color="white", fontsize=8)
         ax.set_xticks(range(len(organs)), organs, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{method}, k={RANK_K}")
+        if over:
+            ax.set_xlabel("+: active rank above the layer's full rank", fontsize=8)
         fig.colorbar(image, ax=ax, label="active rank (mean over seeds)")
     axes[0].set_yticks(range(len(layers)), [name.removeprefix("swinViT.") for name in layers], fontsize=7)
     return _save(fig, path)
