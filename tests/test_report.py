@@ -230,6 +230,8 @@ def test_rank_table_and_spread_per_track(bench):
             means = [statistics.fmean(v) for v in per_rank.values()]
             assert rows[label]["spread"] == f"{max(means) - min(means):.1f}"
             assert rows[label]["r=64 - r=4"] == f"{means[2] - means[0]:+.1f}"
+        text = section(report, f"{track} track, {V2}: rank robustness")
+        assert not any(line.endswith("** |") for line in text.splitlines())  # a signed change is not a score
         assert "Spread and change over r=4, r=16, r=64." in section(report, f"{track} track, {V2}: rank robustness")
 
 
@@ -254,6 +256,38 @@ def test_rank_spread_over_the_ranks_both_families_ran(tmp_path):
     rows = table(section(write_report(only_r4).read_text(), f"base track, {V2}: rank robustness"))
     assert rows["LoRA"]["spread"] == rows["ARENA"]["spread"] == MISSING
     assert rows["ARENA"]["highest - lowest r"] == MISSING
+
+
+def test_arena_minus_the_others_is_paired_by_seed(bench):
+    """Differences of the same seed's cells, never of means over different seeds; no bold on a difference."""
+    _, records, _, report = bench
+    text = section(report, f"base track, {V2}: ARENA minus the others, paired by seed, k=5")
+    rows = table(text)
+    assert list(rows) == [f"arena-r{a} - {b}" for a in (4, 16, 64) for b in ("lora-r4", "lora-r16", "lora-r64", "fft")]
+    assert "**" not in text
+
+    def signed(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:+.1f}" if len(values) == 1 else f"{mean:+.1f} ± {statistics.stdev(values):.1f}"
+
+    def dice(method, organ, seed, metric="mean_dice"):
+        return records["base", method, organ, 5, seed][metric]
+
+    row = rows["arena-r64 - lora-r4"]
+    seeds = {o: (0, 1) if o == "stomach" else (0, 1, 2) for o in BASE_ORGANS}  # arena-r64's stomach lacks seed 2
+    diffs = {o: [dice("arena-r64", o, s) - dice("lora-r4", o, s) for s in seeds[o]] for o in BASE_ORGANS}
+    for organ in ("right_kidney", "aorta"):
+        assert row[organ] == signed(diffs[organ])
+    assert row["stomach"] == signed(diffs["stomach"]) + " (n=2)"
+    for column, metric in (("mean", "mean_dice"), ("mean LCC", "mean_dice_lcc")):
+        per_seed = [
+            statistics.fmean(dice("arena-r64", o, s, metric) for o in BASE_ORGANS)
+            - statistics.fmean(dice("lora-r4", o, s, metric) for o in BASE_ORGANS)
+            for s in (0, 1)
+        ]
+        assert row[column] == signed(per_seed) + " (n=2)"
+    higher = [d for v in diffs.values() for d in v]
+    assert row["ARENA higher"] == f"{sum(d > 0 for d in higher)}/8"
 
 
 def test_training_table_support_loss_last_step_loss_and_steps(bench):

@@ -141,15 +141,15 @@ def organ_stat(rows: Sequence[dict], method: str, organ: str, k: int, metric: st
     return stat(list(seed_values(rows, method, organ, k, metric).values()))
 
 
-def organ_mean(rows: Sequence[dict], method: str, k: int, organs: Sequence[str], metric: str) -> Stat | None:
-    """Mean over seeds (± std over seeds) of the per-seed mean over ``organs``; None unless every organ has a run.
+def seed_means(rows: Sequence[dict], method: str, k: int, organs: Sequence[str], metric: str) -> dict[int, float]:
+    """Seed -> the mean over ``organs``; empty unless every organ has a run.
 
     An organ whose whole support pool was used ran once (BENCHMARK.md): that run stands for every seed. A seed
     counts only when every organ has its value, so a partial grid never yields a mean over fewer organs.
     """
     per_organ = {o: seed_values(rows, method, o, k, metric) for o in organs}
     if not organs or any(not v for v in per_organ.values()):
-        return None
+        return {}
     whole = {
         o
         for o in organs
@@ -159,12 +159,22 @@ def organ_mean(rows: Sequence[dict], method: str, k: int, organs: Sequence[str],
     seeds = {s for o, v in per_organ.items() if o not in single for s in v}
     if not seeds:
         seeds = {min(s for v in per_organ.values() for s in v)}
-    per_seed = []
+    per_seed = {}
     for seed in sorted(seeds):
         values = [single[o] if o in single else per_organ[o].get(seed) for o in organs]
         if None not in values:
-            per_seed.append(statistics.fmean(values))
-    return stat(per_seed)
+            per_seed[seed] = statistics.fmean(values)
+    return per_seed
+
+
+def organ_mean(rows: Sequence[dict], method: str, k: int, organs: Sequence[str], metric: str) -> Stat | None:
+    """Mean over seeds (± std over seeds) of the per-seed mean over ``organs``; None unless every organ has a run."""
+    return stat(list(seed_means(rows, method, k, organs, metric).values()))
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a - b for each seed both have: the same support scans, so the support draw's luck cancels."""
+    return [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
 
 
 def shots_of(method: str, k: int) -> int:
@@ -172,11 +182,11 @@ def shots_of(method: str, k: int) -> int:
     return 0 if method == ZERO_SHOT else k
 
 
-def fmt(s: Stat | None, digits: int = 1, full_n: int = 1) -> str:
+def fmt(s: Stat | None, digits: int = 1, full_n: int = 1, signed: bool = False) -> str:
     """Mean ± std; "(n=2)" marks a mean over fewer seeds than the table's others (a seed still missing)."""
     if s is None:
         return MISSING
-    text = f"{s.mean:.{digits}f}" + ("" if s.std is None else f" ± {s.std:.{digits}f}")
+    text = f"{s.mean:{'+' if signed else ''}.{digits}f}" + ("" if s.std is None else f" ± {s.std:.{digits}f}")
     return text + (f" (n={s.n})" if s.n < full_n else "")
 
 
@@ -309,7 +319,8 @@ def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
     """Dice by initial rank, the spread over ranks and the signed change from the lowest to the highest rank.
 
     Both summaries compare families, so they use the same ranks for each: those every family has run. The signed
-    change is the paper's question: negative when over-ranking hurts, positive when more rank helps."""
+    change is the paper's question: negative when over-ranking hurts, positive when more rank helps. It is not a
+    score, so only the smallest spread is in bold."""
     used = [r for r in rows if r["base_method"] in RANK_FAMILIES and r["shots"] == RANK_K]
     families = list(RANK_FAMILIES)
     ranks = _family_ranks(used)
@@ -317,20 +328,43 @@ def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
     common = [r for r in ranks if all(stats[f"r={r}"])]
     header, columns = stat_columns([RANK_FAMILIES[f] for f in families], stats, {})
     change = f"r={common[-1]} - r={common[0]}" if len(common) >= 2 else "highest - lowest r"
-    for name, summary, better in (
-        ("spread", lambda means: max(means) - min(means), min),
-        (change, lambda means: means[-1] - means[0], max),
-    ):
+    for name, summary in (("spread", lambda means: max(means) - min(means)), (change, lambda m: m[-1] - m[0])):
         values = [None] * len(families)
         if len(common) >= 2:
             values = [summary([stats[f"r={r}"][i].mean for r in common]) for i in range(len(families))]
         cells = [MISSING if v is None else f"{v:+.1f}" if name == change else f"{v:.1f}" for v in values]
         header.append(name)
-        columns.append(bold_best(values, cells, better))
+        columns.append(bold_best(values, cells, min) if name == "spread" else cells)
     over = (
         ", ".join(f"r={r}" for r in common) if len(common) >= 2 else "none: fewer than two ranks every family has run"
     )
     return markdown_table(header, columns) + f"\n\nSpread and change over {over}.\n\n" + provenance(used)
+
+
+def table_paired(rows: Sequence[dict], organs: list[str], k: int) -> str | None:
+    """ARENA's Dice minus LoRA's (each rank) and FFT's on the same seeds, per organ and over organs; None when no
+    pair of cells exists. Paired differences: each seed's support scans are shared, so their luck cancels."""
+    at_k = {(r["base_method"], r["rank"] or 0, r["method"]) for r in rows if r["shots"] == k}
+    arenas = [m for base, _, m in sorted(at_k) if base == "arena"]
+    others = [m for base, _, m in sorted(at_k) if base == "lora"] + [m for base, _, m in at_k if base == "fft"]
+    pairs = [(a, b) for a in arenas for b in others]
+    if not pairs:
+        return None
+    columns: dict[str, list[list[float]]] = {o: [] for o in [*organs, "mean", "mean LCC"]}
+    wins = []
+    for a, b in pairs:
+        by_organ = {o: paired(*(seed_values(rows, m, o, k, "mean_dice") for m in (a, b))) for o in organs}
+        for o, diffs in by_organ.items():
+            columns[o].append(diffs)
+        for name, metric in (("mean", "mean_dice"), ("mean LCC", "mean_dice_lcc")):
+            columns[name].append(paired(*(seed_means(rows, m, k, organs, metric) for m in (a, b))))
+        diffs = [d for v in by_organ.values() for d in v]
+        wins.append(f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs else MISSING)
+    table = [[f"{a} - {b}" for a, b in pairs]]
+    for diffs in columns.values():
+        full_n = max(map(len, diffs))
+        table.append([fmt(stat(d), full_n=full_n, signed=True) for d in diffs])
+    return markdown_table(["ARENA - other", *columns, "ARENA higher"], [*table, wins])
 
 
 def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
@@ -582,6 +616,24 @@ def track_section(
         "",
         table_ranks(used, organs),
         "",
+    ]
+    for k in shots:
+        paired_table = table_paired(used, organs, k)
+        if paired_table:
+            parts += [
+                f"### {title}: ARENA minus the others, paired by seed, k={k}",
+                "",
+                f"Dice (%) of ARENA minus another method trained on the same support scans (same seed), mean ± std "
+                f"over the seeds both ran, per organ and over {listed} (LCC: keeping the largest component); "
+                "ARENA higher: the (organ, seed) pairs where ARENA's Dice is higher. No bold: a difference is not a "
+                "score.",
+                "",
+                paired_table,
+                "",
+                provenance([r for r in used if r["shots"] == k and r["base_method"] in ("arena", "lora", "fft")]),
+                "",
+            ]
+    parts += [
         f"### {title}: training",
         "",
         "Means over each method's cells of these organs. Support loss: the final model's mean training loss on the "
