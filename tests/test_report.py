@@ -324,6 +324,8 @@ def test_efficiency_relative_to_lora_at_the_same_rank(bench):
     assert rows["scratch"]["trainable params"] == "4,000,000" and rows["scratch"]["s/step vs LoRA same r"] == MISSING
     assert rows["lp"]["cells"] == str(sum(k[:2] == ("novel", "lp") for k in records))
     assert "zero-shot" not in table(section(report, f"base track, {V2}: efficiency"))
+    ratios = [v for row in rows.values() for name, v in row.items() if name.endswith("vs LoRA same r")]
+    assert ratios and not any("**" in v for v in ratios)
 
 
 def test_plots_per_track_and_the_v1_link(bench):

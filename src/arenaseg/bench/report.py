@@ -419,7 +419,7 @@ def table_efficiency(rows: Sequence[dict], methods: list[str]) -> str:
         for m, v in zip(methods, values, strict=True):
             lora = _mean_of(rows, f"lora-r{rank_of[m]}", key) if rank_of[m] is not None else None
             ratios.append(None if v is None or not lora else v / lora)
-        columns.append(bold_best(ratios, [MISSING if q is None else f"{q:.2f}x" for q in ratios], min))
+        columns.append([MISSING if q is None else f"{q:.2f}x" for q in ratios])
         header.append(f"{label} vs LoRA same r")
     columns.append([str(sum(r["method"] == m for r in rows)) for m in methods])
     header.append("cells")
@@ -648,7 +648,8 @@ def track_section(
         f"### {title}: efficiency",
         "",
         "Means over each method's cells of these organs; active adapter params are those of the components left "
-        "after ARENA's pruning (AdaLoRA: its budget); ratios are to LoRA at the same initial rank. Lowest in bold.",
+        "after ARENA's pruning (AdaLoRA: its budget); ratios are to LoRA at the same initial rank. Lowest value "
+        "in bold; ratios are not, as each has its own reference.",
         "",
         table_efficiency(used, methods),
         "",
