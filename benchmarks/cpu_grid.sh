@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Protocol v2's decisive cells (docs/benchmark.md) on the CPU, JOBS one-thread cells at a time: two 1-thread
+# Protocol v2's grid (docs/benchmark.md) on the CPU, JOBS one-thread cells at a time: two 1-thread
 # processes do more steps per second than one 2-thread process (benchmarks/results/threads.md).
 # Every cell is its own `arenaseg bench --workers 1` call with its own folder under WORK, so a killed cell resumes
 # from its checkpoint, and each finished cell is copied into benchmarks/results/btcv-fs-v2-cpu at once (commit it;
 # then `arenaseg report benchmarks/results/btcv-fs-v2-cpu`). Cells already committed there are adopted, not rerun,
 # when everything that shapes their result matches. The script can be killed and started again at any point.
-# Order: seed-major, so that a first seed of every decisive comparison lands before a second seed of any; within a
-# seed the base organs, then the novel organ; within an organ the two ends of the rank range first.
+# Order: the decisive cells first, seed-major, so that a first seed of every decisive comparison lands before a
+# second seed of any; within a seed the base organs, then the novel organ; within an organ the two ends of the rank
+# range first. Then the next tier, also seed-major: r16 and AdaLoRA on both tracks, LP and scratch on the novel one.
+# Each running cell holds a lock file, so JOBS counts the cells running in every instance of the script, and an
+# instance started while another runs (say, with a longer cell list) skips the cells already running.
 # Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
 # DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEADLINE (epoch
 # seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
@@ -30,6 +33,12 @@ cells() {  # track organ method, one per line
     done
     for method in arena-r64 lora-r64 arena-r4 lora-r4 fft; do echo "novel pancreas $method $seed"; done
   done
+  for seed in 0 1 2; do
+    for organ in right_kidney aorta stomach; do
+      for method in arena-r16 lora-r16 adalora-r16; do echo "base $organ $method $seed"; done
+    done
+    for method in arena-r16 lora-r16 adalora-r16 lp scratch; do echo "novel pancreas $method $seed"; done
+  done
 }
 
 slowest() {  # track method: the longest wall time in seconds of its committed cells, 0 if none
@@ -38,23 +47,38 @@ walls = [float(r["wall_s"] or 0) for r in csv.DictReader(open(sys.argv[1])) if r
 print(round(max(walls, default=0)))' "$DEST/results.csv" "$1" "$2"
 }
 
+running() {  # how many cells hold their lock, in any instance
+  local n=0 lock
+  for lock in "$WORK"/logs/*.lock; do
+    [ -e "$lock" ] && ! flock -n "$lock" true && n=$((n + 1))
+  done
+  echo "$n"
+}
+
 start() {  # track organ method seed
   local left=0 name="$1-$2-$3-s$4"  # 0: timeout's "no limit"
   if [ -n "${DEADLINE:-}" ]; then
     left=$((DEADLINE - $(date +%s)))
     [ "$left" -gt "$(slowest "$1" "$3")" ] || { echo "would not finish before the deadline, not started: $name"; return; }
   fi
-  echo "$(date -u +%H:%M) start: $name"
-  # shellcheck disable=SC2086  # BENCH_ARGS holds several options on purpose
-  OMP_NUM_THREADS=1 timeout --signal=INT "$left" "$ARENASEG" bench --preset btcv-fs --data "$DATA" \
-    --out "$WORK/$name" --tracks "$1" --organs "$2" --methods "$3" --seeds "$4" --shots 5 --workers 1 --threads 1 \
-    --export-to "$DEST" $BENCH_ARGS >"$WORK/logs/$name.log" 2>&1 &
+  (
+    flock -n 9 || { echo "running in another instance, skipped: $name"; exit; }
+    echo "$(date -u +%H:%M) start: $name"
+    # shellcheck disable=SC2086  # BENCH_ARGS holds several options on purpose
+    OMP_NUM_THREADS=1 timeout --signal=INT "$left" "$ARENASEG" bench --preset btcv-fs --data "$DATA" \
+      --out "$WORK/$name" --tracks "$1" --organs "$2" --methods "$3" --seeds "$4" --shots 5 --workers 1 \
+      --threads 1 --export-to "$DEST" $BENCH_ARGS >"$WORK/logs/$name.log" 2>&1
+  ) 9>"$WORK/logs/$name.lock" 8>&- &
 }
 
+exec 8>"$WORK/logs/slots.mutex"
 cells | {
   while read -r track organ method seed; do
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 10; done
+    # count and start under one lock, so that two instances never both take the last free slot
+    until flock 8 && [ "$(running)" -lt "$JOBS" ]; do flock -u 8; sleep 10; done
     start "$track" "$organ" "$method" "$seed"
+    sleep 1  # let the cell take its lock before the next count
+    flock -u 8
   done
   wait
 }
