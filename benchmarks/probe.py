@@ -19,6 +19,7 @@ import argparse
 import datetime
 import fcntl
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 
 from arenaseg.adapters import AdaptOptions
 from arenaseg.adapters.arena import active_ranks
+from arenaseg.adapters.io import ADAPTER_WEIGHTS, save_adapter
 from arenaseg.bench.grid import parse_method
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.preprocess import PreprocessSettings, file_digest, load_cases
@@ -183,6 +185,10 @@ def main() -> None:
     record["train_seconds"] = round(time.time() - t0, 1)  # this session's
     record["seconds_per_step"] = result.seconds_per_step
     volume_dice(result.steps_done)
+    record["rank_report"] = adapted.rank_report()  # per layer: initial, active and full rank, active parameters
+    adapted.finalize()  # ARENA drops its switched-off components: the adapter as it ships
+    with tempfile.TemporaryDirectory() as folder:
+        record["adapter_bytes"] = (save_adapter(adapted, folder) / ADAPTER_WEIGHTS).stat().st_size
     record["finished"] = f"{datetime.datetime.now():%Y-%m-%d %H:%M}"
     write_json(out, record)
     checkpoint.unlink()
