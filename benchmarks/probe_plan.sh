@@ -6,8 +6,8 @@
 # Usage: JOBS=2 DEVICE=cpu bash benchmarks/probe_plan.sh [phase ...]
 #   phases, in the default order: budget novel lambda lambda-novel lambda-rest, the runs the choices need
 #   (lambda-novel and lambda-rest run on the novel organ under the decoder policy that criterion 2 chose, so their
-#   runs wait until that choice is made, while later runs go ahead); on request, ranks (no choice depends on it,
-#   and criterion 1 would count it)
+#   runs wait until that choice is made, while later runs go ahead); on request, lambda-path (criterion 6) and
+#   ranks (no choice depends on it, and criterion 1 would count it)
 # On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
 # DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 # JOBS counts every probe run on the machine, this script's or not, so a restarted script does not overload it.
@@ -41,6 +41,10 @@ runs() {
           echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done ;;
       lambda-rest)  # last: criterion 3 needs it only if no λ qualifies, as the λ 0.1 and 0 runs showed
         echo "--organ pancreas --method arena-r64 --lam $V1_LAM --decoder @decoder" ;;
+      lambda-path)  # criterion 6: the λ path past where Dice falls, the bracket first (λ 0, 0.1, 0.3 are criterion 3's)
+        for lam in 0.9 0.5 0.7; do for m in "right_kidney --method arena-r64" "right_kidney --method arena-r16" \
+            "pancreas --method arena-r64 --decoder lowrank" "pancreas --method arena-r16 --decoder lowrank"; do
+          echo "--organ $m --lam $lam"; done; done ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
         for m in lora-r16 lora-r4 "arena-r4 --lam $V1_LAM"; do
           echo "--organ right_kidney --method $m"; done ;;
