@@ -28,6 +28,9 @@ POLICY_MARGIN = 2.0  # criterion 2: volume-Dice points within which fewer parame
 LAMBDAS = (0.0, 0.1, 0.3)  # criterion 3's candidates
 PROBE_LAM = 0.3  # the lambda in effect when the criteria were written: the budget and decoder runs use it
 RANK_MARGIN, LOSS_MARGIN = 1.0, 0.02  # criterion 3: r64 vs r16 volume Dice; r16 final loss vs lambda 0's
+PATH_LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # criterion 6's lambda path (it goes on upward if the top qualifies)
+PATH_EXTENSION = (1.2, 1.5)
+NOISE = 1.73  # criterion 6: one standard deviation of a two-organ probe score, from the v2 grid's seed spread
 BASE_ORGAN, NOVEL_ORGAN = "right_kidney", "pancreas"
 
 
@@ -257,6 +260,59 @@ def choose_lambda(runs: list[dict], chosen_decoder: str | None) -> tuple[float |
     return max(mean, key=mean.get), [*lines, f"no λ qualifies: the best mean volume Dice decides ({means})"]
 
 
+def path_point(runs: list[dict], x: float, chosen_decoder: str) -> dict | None:
+    """Criterion 6's numbers for lambda x over its four runs, or None while one is missing."""
+    wanted = [
+        find(runs, organ, m, x, d)
+        for organ, d in ((BASE_ORGAN, "frozen"), (NOVEL_ORGAN, chosen_decoder))
+        for m in ("arena-r16", "arena-r64")
+    ]
+    if None in wanted:
+        return None
+    reports = [r.get("rank_report") for r in wanted]
+    return {
+        "score": statistics.fmean(end_dice(r) for r in wanted),
+        "score_lcc": statistics.fmean(r["volume_dice"][max(r["volume_dice"], key=int)]["dice_lcc"] for r in wanted),
+        "active_rank": statistics.fmean(r["active_rank"][-1][1] for r in wanted),
+        "active_params": None if None in reports else statistics.fmean(t["totals"]["params"] for t in reports),
+    }
+
+
+def choose_lambda_path(runs: list[dict], chosen_decoder: str | None) -> tuple[float | None, bool, list[str]]:
+    """Criterion 6: the sparsest lambda whose mean held-in volume Dice (four runs) is at least the best one's minus
+    NOISE. Returns (lambda, final, evidence): final once every lambda of the path has its four runs and the top one
+    does not qualify (else the path goes on upward); otherwise the choice among the finished lambdas, provisional.
+    Sparsity is the mean active rank, which every run records (the active parameters only the newer ones)."""
+    if chosen_decoder is None:
+        return None, False, ["waits for the decoder policy (criterion 2)"]
+    path = [*PATH_LAMBDAS, *(x for x in PATH_EXTENSION if find(runs, BASE_ORGAN, "arena-r16", x) is not None)]
+    points = {x: path_point(runs, x, chosen_decoder) for x in path}
+    done = {x: p for x, p in points.items() if p is not None}
+    if not done:
+        return None, False, ["waits for a λ with all four runs"]
+    best = max(p["score"] for p in done.values())
+    qualifying = [x for x, p in done.items() if p["score"] >= best - NOISE]
+    chosen = min(qualifying, key=lambda x: (done[x]["active_rank"], -x))
+    lines = []
+    for x, p in points.items():
+        if p is None:
+            lines.append(f"λ {x:g}: waits for its runs")
+            continue
+        params = "–" if p["active_params"] is None else f"{p['active_params']:,.0f}"
+        verdict = "within noise" if x in qualifying else f"more than {NOISE:g} below the best"
+        lines.append(
+            f"λ {x:g}: mean volume Dice {p['score']:.2f} ({p['score_lcc']:.2f} with the largest component), "
+            f"mean active rank {p['active_rank']:,.0f}, mean active parameters {params}: {verdict}"
+        )
+    top_qualifies = max(done) in qualifying
+    final = len(done) == len(points) and not (top_qualifies and len(path) < len(PATH_LAMBDAS) + len(PATH_EXTENSION))
+    if not final:
+        missing = [f"{x:g}" for x, p in points.items() if p is None]
+        why = f"λ {', '.join(missing)} unfinished" if missing else "the largest λ qualifies: the path goes on upward"
+        lines.append(f"provisional: {why}")
+    return chosen, final, lines
+
+
 def check_largest_component(runs: list[dict]) -> tuple[str | None, list[str]]:
     """Criterion 5: on if, over the finished runs' end points, the largest component raises the mean held-in
     volume Dice and lowers the mean HD95."""
@@ -278,7 +334,9 @@ def bench_arguments(runs: list[dict]) -> str | None:
         return None
     chosen_decoder = choose_decoder(runs)[0]
     cap, rule, _ = choose_budget(runs, chosen_decoder)
-    chosen_lam = choose_lambda(runs, chosen_decoder)[0]
+    chosen_lam, final, _ = choose_lambda_path(runs, chosen_decoder)
+    if not final:
+        chosen_lam = None
     if None in (chosen_decoder, cap, chosen_lam, check_learning_rates(runs, chosen_decoder, cap)[0]):
         return None
     patience, delta = rule if rule is not None else (0, 1e-3)
@@ -293,11 +351,18 @@ def choices(runs: list[dict]) -> list[str]:
     chosen_decoder, decoder_lines = choose_decoder(runs)
     cap, rule, budget_lines = choose_budget(runs, chosen_decoder)
     chosen_lam, lam_lines = choose_lambda(runs, chosen_decoder)
+    path_lam, final, path_lines = choose_lambda_path(runs, chosen_decoder)
+    path_value = None if path_lam is None else f"{path_lam:g}" + ("" if final else " (provisional)")
     rule_text = "no plateau stop" if rule is None else f"PlateauStop patience {rule[0]}, min_delta {rule[1]:g}"
     sections = [
         ("Criterion 2, decoder policy (novel track)", chosen_decoder, decoder_lines),
         ("Criterion 1 as amended, step budget", None if cap is None else f"{cap} steps, {rule_text}", budget_lines),
-        ("Criterion 3, ARENA's λ", None if chosen_lam is None else f"{chosen_lam:g}", lam_lines),
+        (
+            "Criterion 3, ARENA's λ (replaced by criterion 6)",
+            None if chosen_lam is None else f"{chosen_lam:g}",
+            lam_lines,
+        ),
+        ("Criterion 6, ARENA's λ path (one-SE rule)", path_value, path_lines),
         ("Criterion 4, learning rates", *check_learning_rates(runs, chosen_decoder, cap)),
         ("Criterion 5, largest-component post-processing", *check_largest_component(runs)),
     ]

@@ -17,7 +17,7 @@ def report():
     return module
 
 
-def run(organ, method, patch=(), dice=50.0, lam=0.3, decoder="frozen", params=1000, loss=0.5, finished=True):
+def run(organ, method, patch=(), dice=50.0, lam=0.3, decoder="frozen", params=1000, loss=0.5, finished=True, rank=100):
     """A probe JSON as benchmarks/probe.py writes it (only the fields the criteria read)."""
     record = {
         "organ": organ,
@@ -27,6 +27,7 @@ def run(organ, method, patch=(), dice=50.0, lam=0.3, decoder="frozen", params=10
         "trainable_params": params,
         "patch_dice": [[0, 50.0], *patch],
         "loss": [loss] * 300,
+        "active_rank": [[0, 0], [300, rank]],
         "volume_dice": {"300": {"mean": dice, "dice": dice, "dice_lcc": dice + 1, "hd95": 50.0, "hd95_lcc": 20.0}},
     }
     return {**record, "finished": "2026-12-02 12:00"} if finished else record
@@ -77,10 +78,36 @@ def test_learning_rates_stay_unless_a_family_s_loss_still_falls_at_the_cap(repor
 
 
 def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
+    rank = round(1000 * (1 - lam))  # sparser with lambda, as every probe run is
     return [
-        run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16),
-        run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder),
+        run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16, rank=rank),
+        run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder, rank=rank),
     ]
+
+
+def path_runs(scores):
+    """Criterion 6's runs: every organ and rank at lambda x scores scores[x]."""
+    return [
+        r
+        for x, dice in scores.items()
+        for r in (*arena("right_kidney", "frozen", dice, dice, x), *arena("pancreas", "lowrank", dice, dice, x))
+    ]
+
+
+def test_lambda_path_takes_the_sparsest_lambda_within_noise_of_the_best(report):
+    scores = {0.0: 40.0, 0.1: 41.0, 0.3: 40.5, 0.5: 39.5, 0.7: 39.0, 0.9: 30.0}  # 0.7 is 2.0 below: out
+    chosen, final, lines = report.choose_lambda_path(path_runs(scores), "lowrank")
+    assert (chosen, final) == (0.5, True)
+    assert "λ 0.7" in lines[4] and "below the best" in lines[4]
+    # a missing lambda makes the choice provisional; the finished ones still give one
+    unfinished = path_runs({x: d for x, d in scores.items() if x != 0.9})
+    assert report.choose_lambda_path(unfinished, "lowrank")[:2] == (0.5, False)
+    # the top of the path qualifies: the path goes on upward before the choice is final
+    flat = path_runs({x: 40.0 for x in report.PATH_LAMBDAS})
+    chosen, final, lines = report.choose_lambda_path(flat, "lowrank")
+    assert (chosen, final) == (0.9, False) and "goes on upward" in lines[-1]
+    extended = flat + path_runs({1.2: 39.0, 1.5: 20.0})
+    assert report.choose_lambda_path(extended, "lowrank")[:2] == (1.2, True)
 
 
 def lambda_runs():
@@ -132,9 +159,10 @@ def test_bench_arguments_carry_every_choice_once_every_run_is_finished(report):
     runs = [
         run("right_kidney", "fft", [[100, 60.0], [200, 64.5], [300, 66.0]]),
         *novel(report, {"frozen": 5.0, "full": 20.0, "lowrank": 19.0}, {"frozen": 1, "full": 9, "lowrank": 3}),
-        *lambda_runs(),
+        *path_runs({0.0: 40.0, 0.1: 41.0, 0.3: 40.5, 0.5: 39.5, 0.7: 30.0, 0.9: 20.0}),
     ]
     assert report.bench_arguments(runs) == (
-        "--novel-decoder lowrank --steps 200 --stop-patience 0 --stop-min-delta 0.001 --lam 0.1"
+        "--novel-decoder lowrank --steps 200 --stop-patience 0 --stop-min-delta 0.001 --lam 0.5"
     )
+    assert report.bench_arguments(runs[:-1]) is None  # criterion 6 is not final while a run of its path is missing
     assert report.bench_arguments([*runs, run("right_kidney", "lp", finished=False)]) is None
