@@ -5,6 +5,7 @@ bare forward + backward, on the CPU-preset Swin-UNETR (feature size 12, binary h
     .venv/bin/python benchmarks/step_time.py --threads 1 --batch 1 --lowered-ranks 16  # CPU, shorter
     .venv/bin/python benchmarks/step_time.py --device cuda --precisions fp32 bf16       # GPU: ARENA and LoRA only
     .venv/bin/python benchmarks/step_time.py --quick                                    # smoke run
+    .venv/bin/python benchmarks/step_time.py --threads 1 --ranks 16 --attention both    # fused vs MONAI attention
 
 A training step is `arenaseg.train.loop.training_step` (the loop's own function: forward and loss under the
 precision's autocast, backward, optimizer step, after-step hook) plus the scheduler step, on one fixed batch of
@@ -13,7 +14,14 @@ ARENA model: the loop's timed span (the sampler drawing the patches from in-memo
 at 3 mm, `training_step`, the scheduler step: what `train_adapter` reports as seconds per step) against a bare
 forward + loss + backward of the same model on one such batch, under the same autocast. The GPU mode times the
 ARENA and LoRA steps only and records which other processes used the GPU (there should be none). ``--fft`` and
-``--inference`` add full fine-tuning and merged-ARENA inference cases.
+``--inference`` add full fine-tuning and merged-ARENA inference cases. ``--attention both`` times every training and
+inference case twice, with our fused window attention (`arenaseg.models.attention`, what the package runs) and with
+MONAI's own reference path (cases marked "[MONAI attention]"); P7 uses the first ``--attention`` choice.
+
+Throughput: each case's floating-point operations per step are counted once, untimed, with torch's FlopCounterMode
+(matmuls and convolutions only; attention through torch's composite SDPA path while counting, so that the fused and the
+MONAI cases count the same work), and reported as GFLOP/s at the median time and as a share of this machine's peak,
+measured in the same run as the best of a few large fp32 matmuls at the same thread count.
 
 All models are built first and the cases are timed interleaved, round after round (the starting case rotates each
 round), so that drifts in machine load hit every case alike; the tables report medians.
@@ -43,11 +51,15 @@ from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
+from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from arenaseg.adapters import AdaptOptions, adapt_model, arena_layers, merge_arena
 from arenaseg.data.preprocess import PreprocessSettings
 from arenaseg.data.sampling import PatchSampler
+from arenaseg.models.attention import FusedWindowAttention
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr, replace_with_binary_head
 from arenaseg.train.loop import TrainSettings, loss_function, training_step
 from arenaseg.train.schedule import warmup_cosine
@@ -59,6 +71,9 @@ RESULTS = Path(__file__).parent / "results" / "step_time.md"
 PATCH = 64
 VOLUME = (116, 116, 218)  # btcv_0026 (128 x 128 x 131 voxels of 2.73 x 2.73 x 5 mm) resampled to 3 mm
 P7_METHOD = ("arena", 16)
+ATTENTION = ("fused", "monai")
+MONAI_MARK = " [MONAI attention]"
+PEAK_MATMUL = 4096
 
 
 class PeakMemory:
@@ -98,6 +113,7 @@ class Case:
     run: Callable[[], object]
     params: int
     precision: str = "fp32"
+    flops: int = 0
     seconds: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
     step_mib: list[float] = field(default_factory=list)
@@ -107,18 +123,26 @@ class Case:
         return statistics.median(self.seconds)
 
 
-def base_model(device: torch.device) -> nn.Module:
+def base_model(device: torch.device, attention: str) -> nn.Module:
     torch.manual_seed(0)
     model = build_swin_unetr(ModelConfig.cpu_preset(out_channels=14))
+    if attention == "monai":  # back to MONAI's own class, whose reference path runs (use_flash_attention is off)
+        for module in model.modules():
+            if isinstance(module, FusedWindowAttention):
+                module.__class__ = WindowAttention
     replace_with_binary_head(model)
     return model.to(device)
+
+
+def marked(name: str, attention: str) -> str:
+    return name + (MONAI_MARK if attention == "monai" else "")
 
 
 class Trainer:
     """One adapted model with the loop's optimizer, schedule, loss and loss scaler for ``precision``."""
 
-    def __init__(self, method: str, rank: int, precision: str, device: torch.device) -> None:
-        self.adapted = adapt_model(base_model(device), method, AdaptOptions(rank=rank))
+    def __init__(self, method: str, rank: int, precision: str, device: torch.device, attention: str) -> None:
+        self.adapted = adapt_model(base_model(device, attention), method, AdaptOptions(rank=rank))
         self.adapted.model.train()
         self.settings = TrainSettings(precision=precision)
         s = self.settings
@@ -127,7 +151,7 @@ class Trainer:
         self.scaler = grad_scaler(precision, device)
         self.loss_fn = loss_function(s.cross_entropy)
         self.steps = itertools.count()
-        self.name = "fft" if method == "fft" else f"{method} r={rank}"
+        self.name = marked("fft" if method == "fft" else f"{method} r={rank}", attention)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """What the loop does per step after drawing the batch."""
@@ -136,8 +160,8 @@ class Trainer:
         self.scheduler.step()
 
 
-def training_case(method: str, rank: int, precision: str, batch, device: torch.device) -> Case:
-    trainer = Trainer(method, rank, precision, device)
+def training_case(method: str, rank: int, precision: str, batch, device: torch.device, attention: str) -> Case:
+    trainer = Trainer(method, rank, precision, device, attention)
     return Case(trainer.name, lambda: trainer.step(*batch), trainer.adapted.trainable_params, precision)
 
 
@@ -154,9 +178,9 @@ def synthetic_volumes(count: int = 3) -> list[dict]:
     return volumes
 
 
-def p7_cases(precision: str, sampler: PatchSampler, device: torch.device) -> list[Case]:
+def p7_cases(precision: str, sampler: PatchSampler, device: torch.device, attention: str) -> list[Case]:
     """The loop's timed span and a bare forward + backward, on one shared ARENA model."""
-    trainer = Trainer(*P7_METHOD, precision, device)
+    trainer = Trainer(*P7_METHOD, precision, device, attention)
     model, loss_fn = trainer.adapted.model, trainer.loss_fn
     steps = itertools.count()
 
@@ -179,10 +203,10 @@ def p7_cases(precision: str, sampler: PatchSampler, device: torch.device) -> lis
     ]
 
 
-def inference_cases(rank: int, image: torch.Tensor, device: torch.device) -> list[Case]:
+def inference_cases(rank: int, image: torch.Tensor, device: torch.device, attention: str) -> list[Case]:
     """The base, ARENA with every gate open, and the same ARENA merged into plain layers."""
-    base = base_model(device).eval()
-    arena = adapt_model(base_model(device), "arena", AdaptOptions(rank=rank)).network.eval()
+    base = base_model(device, attention).eval()
+    arena = adapt_model(base_model(device, attention), "arena", AdaptOptions(rank=rank)).network.eval()
     with torch.no_grad():
         for layer in arena_layers(arena).values():
             layer.arena_v.normal_(std=0.1)
@@ -192,10 +216,33 @@ def inference_cases(rank: int, image: torch.Tensor, device: torch.device) -> lis
         return lambda: model(image)
 
     return [
-        Case("base", infer(base), 0),
-        Case(f"arena r={rank} (unmerged)", infer(arena), 0),
-        Case(f"arena r={rank} merged", infer(merged), 0),
+        Case(marked("base", attention), infer(base), 0),
+        Case(marked(f"arena r={rank} (unmerged)", attention), infer(arena), 0),
+        Case(marked(f"arena r={rank} merged", attention), infer(merged), 0),
     ]
+
+
+def count_flops(cases: list[Case], grad: bool) -> None:
+    """One untimed run of each case under FlopCounterMode. Torch counts no FLOPs for its fused CPU attention
+    kernels, so attention runs through SDPA's composite (matmul) path here, as MONAI's reference path does."""
+    for case in cases:
+        counter = FlopCounterMode(display=False)
+        with torch.set_grad_enabled(grad), sdpa_kernel(SDPBackend.MATH), counter:
+            case.run()
+        case.flops = counter.get_total_flops()
+
+
+def peak_gflops(device: torch.device, repeats: int = 3) -> float:
+    """This machine's fp32 matmul throughput at the current thread count: the best of a few large products."""
+    a, b = (torch.randn(PEAK_MATMUL, PEAK_MATMUL, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * PEAK_MATMUL**3 / best / 1e9
 
 
 def run_interleaved(cases: list[Case], warmup: int, repeats: int, memory: PeakMemory, grad: bool) -> None:
@@ -220,15 +267,16 @@ def run_interleaved(cases: list[Case], warmup: int, repeats: int, memory: PeakMe
             )
 
 
-def table(cases: list[Case], with_params: bool) -> str:
+def table(cases: list[Case], with_params: bool, peak: float) -> str:
     head = "| case | precision | " + ("trainable params | " if with_params else "")
-    head += "median s | min s | peak MiB | step MiB |"
+    head += "median s | min s | peak MiB | step MiB | GFLOP | GFLOP/s | of peak |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cases:
         params = f"{c.params:,} | " if with_params else ""
+        rate = c.flops / c.median / 1e9
         lines.append(
             f"| {c.name} | {c.precision} | {params}{c.median:.3f} | {min(c.seconds):.3f} | "
-            f"{max(c.peak_mib):.0f} | {max(c.step_mib):.0f} |"
+            f"{max(c.peak_mib):.0f} | {max(c.step_mib):.0f} | {c.flops / 1e9:.1f} | {rate:.2f} | {rate / peak:.1%} |"
         )
     return "\n".join(lines)
 
@@ -244,6 +292,10 @@ def ratios(train: list[Case], p7: list[Case]) -> list[str]:
         lora = ("lora" + name.removeprefix("arena"), precision)
         if name.startswith("arena") and lora in median:
             lines.append(f"| P5 {name} / LoRA, {precision} | {value / median[lora]:.3f} | <= 1.05 |")
+    for (name, precision), value in median.items():
+        monai = (name + MONAI_MARK, precision)
+        if monai in median:
+            lines.append(f"| {name}, {precision}: fused / MONAI attention | {value / median[monai]:.3f} | < 1 |")
     for loop, bare in zip(p7[::2], p7[1::2], strict=True):
         lines.append(f"| P7 loop step / bare fwd+bwd, {loop.precision} | {loop.median / bare.median:.3f} | <= 1.10 |")
     return lines
@@ -282,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fft", action="store_true", help="add full fine-tuning at each precision")
     parser.add_argument("--inference", action="store_true", help="add base / unmerged / merged ARENA inference")
+    parser.add_argument(
+        "--attention",
+        choices=(*ATTENTION, "both"),
+        default="fused",
+        help="window attention: ours (fused), MONAI's reference path, or both side by side (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -294,28 +352,40 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     memory = PeakMemory(device)
+    attentions = ATTENTION if args.attention == "both" else (args.attention,)
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 1, PATCH, PATCH, PATCH, generator=gen).to(device)
     labels = (torch.rand(args.batch, 1, PATCH, PATCH, PATCH, generator=gen) > 0.8).float().to(device)
     train = [
-        training_case(method, rank, precision, (images, labels), device)
+        training_case(method, rank, precision, (images, labels), device, attention)
+        for attention in attentions
         for precision in args.precisions
         for rank in (args.ranks if precision == "fp32" else lowered_ranks)
         for method in ("arena", "lora")
     ]
     if args.fft and not gpu:
-        train += [training_case("fft", 1, precision, (images, labels), device) for precision in args.precisions]
+        train += [
+            training_case("fft", 1, precision, (images, labels), device, attention)
+            for attention in attentions
+            for precision in args.precisions
+        ]
     p7: list[Case] = []
     if not gpu:
         sampler = PatchSampler(synthetic_volumes(), PreprocessSettings(), args.batch, seed=0)
-        p7 = p7_cases(args.precisions[0], sampler, device)
+        p7 = p7_cases(args.precisions[0], sampler, device, attentions[0])
     for case in train:
         print(f"{case.name} {case.precision}: {case.params:,} trainable parameters", file=sys.stderr)
 
+    peak = peak_gflops(device)
+    count_flops(train + p7, grad=True)
     run_interleaved(train + p7, args.warmup, args.repeats, memory, grad=True)
-    infer = inference_cases(args.ranks[-1], images[:1], device) if args.inference and not gpu else []
-    if infer:
+    infer = []
+    if args.inference and not gpu:
+        infer = [
+            case for attention in attentions for case in inference_cases(args.ranks[-1], images[:1], device, attention)
+        ]
+        count_flops(infer, grad=False)
         run_interleaved(infer, args.warmup, args.repeats, memory, grad=False)
 
     command = "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -330,13 +400,16 @@ def main(argv: list[str] | None = None) -> None:
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}; model: Swin-UNETR cpu_preset (feature size 12), binary head",
         f"- {args.repeats} timed rounds after {args.warmup} warm-up, all cases interleaved; medians",
+        f"- window attention: {', '.join(attentions)} (fused: arenaseg.models.attention; monai: MONAI's own path)",
+        f"- peak: {peak:.1f} GFLOP/s, the best fp32 {PEAK_MATMUL}^2 matmul at {torch.get_num_threads()} thread(s); "
+        "GFLOP per step counted by FlopCounterMode (matmuls and convolutions)",
         "- memory: "
         + ("CUDA allocator peak" if gpu else "peak RSS (VmHWM reset per step)")
         + "; 'step MiB' = peak minus usage before the step (see the script's docstring)",
         "",
         f"## Training step (batch {args.batch} x {PATCH}^3: training_step + scheduler step)",
         "",
-        table(train, with_params=True),
+        table(train, with_params=True, peak=peak),
         "",
     ]
     if p7:
@@ -345,12 +418,17 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"The loop step draws its {args.batch} patches from in-memory {'x'.join(map(str, VOLUME))} volumes.",
             "",
-            table(p7, with_params=False),
+            table(p7, with_params=False, peak=peak),
             "",
         ]
     report += ["## Ratios of medians", "", *ratios(train, p7), ""]
     if infer:
-        report += [f"## Inference (one {PATCH}^3 patch, no grad, fp32)", "", table(infer, with_params=False), ""]
+        report += [
+            f"## Inference (one {PATCH}^3 patch, no grad, fp32)",
+            "",
+            table(infer, with_params=False, peak=peak),
+            "",
+        ]
     text = "\n".join(report)
     print(text)
     write_text(args.out, text)
