@@ -1,4 +1,5 @@
-"""ARENA layers: exact base function at init, gradients everywhere, prune/merge invariance, targeting, rank choice."""
+"""ARENA layers: exact base function at init, gradients everywhere, both evaluation orders alike, prune/merge
+invariance, targeting, rank choice."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from arenaseg.adapters.arena import (
 from arenaseg.adapters.config import DEFAULT_TARGETS, ArenaConfig
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.optim.proximal import ProximalOptimizer
+from arenaseg.utils.precision import autocast
 
 
 def conv_base(**kw) -> nn.Conv3d:
@@ -41,6 +43,19 @@ def randomise_(layer: ArenaLayer, zero_every: int = 0) -> None:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
+
+
+LAYERS = {
+    "linear": lambda: ArenaLinear(nn.Linear(8, 6), rank=4, scaling=0.7),
+    "conv-k3-s2-p1": lambda: ArenaConv3d(conv_base(), rank=4, scaling=0.7),
+    "conv-dilated-replicate": lambda: ArenaConv3d(
+        nn.Conv3d(3, 5, 3, dilation=2, padding=2, padding_mode="replicate"), rank=4, scaling=0.7
+    ),
+}
+
+
+def layer_input(layer: ArenaLayer) -> torch.Tensor:
+    return torch.randn(2, 7, 8) if isinstance(layer, ArenaLinear) else torch.randn(2, 3, 9, 8, 7)
 
 
 def test_config_validation_and_round_trip() -> None:
@@ -97,20 +112,12 @@ def test_factor_shapes_match_peft_lora() -> None:
         assert layer.arena_v.shape == (4,)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ArenaLinear(nn.Linear(8, 6), rank=4, scaling=0.7),
-        lambda: ArenaConv3d(conv_base(), rank=4, scaling=0.7),
-        lambda: ArenaConv3d(nn.Conv3d(3, 5, 3, dilation=2, padding=2, padding_mode="replicate"), rank=4, scaling=0.7),
-    ],
-    ids=["linear", "conv-k3-s2-p1", "conv-dilated-replicate"],
-)
-def test_forward_equals_the_dense_weight_and_merge_reproduces_it(make) -> None:
+@pytest.mark.parametrize("kind", LAYERS)
+def test_forward_equals_the_dense_weight_and_merge_reproduces_it(kind) -> None:
     torch.manual_seed(0)
-    layer = make()
+    layer = LAYERS[kind]()
     randomise_(layer)
-    x = torch.randn(2, 7, 8) if isinstance(layer, ArenaLinear) else torch.randn(2, 3, 9, 8, 7)
+    x = layer_input(layer)
     base = layer.base_layer
     if isinstance(layer, ArenaLinear):
         dense = F.linear(x, base.weight + layer.delta_weight(), base.bias)
@@ -125,7 +132,84 @@ def test_forward_equals_the_dense_weight_and_merge_reproduces_it(make) -> None:
     assert rel_err(merged(x), out) <= 1e-5
 
 
-def test_scaling_is_not_divided_by_the_rank(monkeypatch) -> None:
+def in_order(layer: ArenaLayer, x: torch.Tensor, merged: bool, precision: str = "fp32") -> list[torch.Tensor]:
+    """Output and gradients (A, B, v, input) of one forward + backward with the evaluation order forced, the forward
+    under ``precision``'s autocast as in the training loop."""
+    layer.merged_is_cheaper = lambda _x: merged  # shadows the rule on this instance
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    with autocast(precision, x.device):
+        out = layer(x)
+    out.backward(torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape))
+    del layer.merged_is_cheaper
+    return [out.detach(), layer.arena_A.grad, layer.arena_B.grad, layer.arena_v.grad, x.grad]
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["full", "pruned"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_both_evaluation_orders_give_the_same_outputs_and_gradients(kind, dtype, tol, pruned) -> None:
+    torch.manual_seed(0)
+    layer = LAYERS[kind]().to(dtype)
+    randomise_(layer, zero_every=3 if pruned else 0)
+    if pruned:
+        layer.prune_()
+    x = layer_input(layer).to(dtype)
+    factored, merged = in_order(layer, x, merged=False), in_order(layer, x, merged=True)
+    for name, a, b in zip(("output", "A", "B", "v", "input"), merged, factored, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert rel_err(merged[0], layer.base_layer(x)) > 1e-2  # the delta is really there
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_a_layer_pruned_to_rank_0_computes_the_base_in_either_order(kind) -> None:
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    layer.prune_()  # v = 0 at init: every component goes
+    x = layer_input(layer)
+    for merged in (False, True):
+        assert torch.equal(in_order(layer, x, merged)[0], layer.base_layer(x))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_the_merged_order_leaves_the_frozen_base_without_gradient(kind) -> None:
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    randomise_(layer)
+    base = {n: p.detach().clone() for n, p in layer.base_layer.named_parameters()}
+    in_order(layer, layer_input(layer), merged=True)
+    for name, p in layer.base_layer.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+        assert torch.equal(p, base[name]), name
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_both_orders_under_bf16_autocast_give_bf16_outputs_and_float32_gradients(kind) -> None:
+    """The orders round differently, by about bf16's resolution of the output, and agree with the float32 result
+    to that."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    randomise_(layer)
+    x = layer_input(layer)
+    exact = in_order(layer, x, merged=False)
+    for run in (in_order(layer, x, merged, "bf16") for merged in (False, True)):
+        assert run[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in run[1:])
+        for name, a, b in zip(("output", "A", "B", "v", "input"), run, exact, strict=True):
+            assert rel_err(a.float(), b) < 2e-2, name
+
+
+def test_the_rule_merges_a_large_rank_on_a_narrow_layer_only() -> None:
+    """A decoder-like conv with few channels at r=64 merges; a wide linear at r=4 stays factored while gradients
+    are on, and merges without them (no weight gradient to pay for)."""
+    narrow = ArenaConv3d(nn.Conv3d(12, 12, 3, padding=1), rank=64, scaling=1.0)
+    assert narrow.merged_is_cheaper(torch.empty(2, 12, 16, 16, 16))
+    wide, x = ArenaLinear(nn.Linear(512, 512), rank=4, scaling=1.0), torch.empty(1024, 512)
+    assert not wide.merged_is_cheaper(x)
+    with torch.no_grad():
+        assert wide.merged_is_cheaper(x)
+
+
+def test_scaling_is_not_divided_by_the_rank() -> None:
     """Over-ranking changes nothing: a rank-8 layer holding a rank-2 layer's components (other gates 0) computes the
     same function and gives the shared gates the same gradients, so lam means the same at any initial rank."""
     torch.manual_seed(0)
@@ -140,7 +224,6 @@ def test_scaling_is_not_divided_by_the_rank(monkeypatch) -> None:
             ("arena_v", (slice(0, 2),)),
         ):
             getattr(large, name)[idx] = getattr(small, name)
-    monkeypatch.setattr(ArenaLayer, "delta_weight", None)  # forward must not build the dense delta
     x = torch.randn(5, 8)
     out_small, out_large = small(x), large(x)
     torch.testing.assert_close(out_large, out_small, atol=1e-6, rtol=0)
@@ -287,9 +370,13 @@ def test_rank_selection_on_a_rank_3_target() -> None:
 
     The target is scaled so that Delta's projection on a random unit component b^T Delta a has rms lam:
     a fair fraction of the 16 random components is then recruited at step 0, and only the 3 true directions pay.
+    Gates that reach zero stay there (freeze_pruned): allowed to come back, a fourth gate leaves zero for tens of
+    steps every few hundred, in float32 and float64 and in either evaluation order, so the count at the last step
+    would be a matter of timing.
     """
     n, m, steps = 32, 32, 2000
-    default = ArenaConfig(rank=16, lam=1e-3, rho=1e-2, v_gradient="plain")  # the exact proximal-gradient step
+    # plain: the exact proximal-gradient step
+    default = ArenaConfig(rank=16, lam=1e-3, rho=1e-2, v_gradient="plain", freeze_pruned=True)
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(m, 3, generator=g))
     w, _ = torch.linalg.qr(torch.randn(n, 3, generator=g))
@@ -307,7 +394,13 @@ def test_rank_selection_on_a_rank_3_target() -> None:
         with torch.no_grad():
             target = layer.base_layer(x) + x @ delta.T
         optimizer = ProximalOptimizer(
-            [layer.arena_A, layer.arena_B], [layer.arena_v], lam=lam, rho=default.rho, v_gradient="plain", lr=1e-2
+            [layer.arena_A, layer.arena_B],
+            [layer.arena_v],
+            lam=lam,
+            rho=default.rho,
+            v_gradient="plain",
+            freeze_pruned=default.freeze_pruned,
+            lr=1e-2,
         )
         for _ in range(steps):
             optimizer.zero_grad()

@@ -11,10 +11,15 @@ holds three plain parameters ``<module>.arena_A``, ``<module>.arena_B`` and ``<m
 for Linear and Conv3d alike). A and B have the shapes of PEFT LoRA's ``lora_A.weight`` / ``lora_B.weight`` for the
 same layer (Linear: (r, n), (m, r); Conv3d: (r, in, k1, k2, k3), (m, r, 1, 1, 1)) so that an ARENA adapter can be
 exported as a LoRA adapter; v has shape (r,).
+
+Evaluation order: each call computes either the base layer plus the factored adapter or one base-type layer with the
+merged weight W0 + s * B diag(v) A, whichever costs fewer multiply-adds for the call's shapes
+(``ArenaLayer.merged_is_cheaper``); both are the same function with the same gradients.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -70,17 +75,46 @@ class ArenaLayer(nn.Module, ABC):
         """B(v * A(x)) without materialising the dense delta."""
 
     @abstractmethod
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation (its bias, stride, padding) with ``weight`` in place of its own."""
+
+    @abstractmethod
+    def _positions(self, x: torch.Tensor) -> int:
+        """How many output positions (tokens, voxels) the layer computes from ``x``."""
+
+    @abstractmethod
     def _plain_layer(self) -> nn.Module:
         """A fresh layer of the base's type and configuration (weights to be filled by ``merged_module``)."""
 
+    def merged_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether the merged weight costs fewer multiply-adds than the factored adapter for this call.
+
+        With n = in features x kernel volume, m = out features, r = allocated rank and P output positions: the
+        factored path adds r(n + m) per position to the base's forward, and twice that to the backward (weight and
+        input gradients of A and B). The merged path adds nothing per position to the forward, but its backward
+        needs the full weight gradient (nm per position, which the frozen base skips), plus the product
+        B diag(v) A once per call (mrn) and its backward (twice that). The input gradient costs nm on either path.
+        Without autograd only the forward terms count. So a rank that is large next to the layer's narrower side
+        favours the merged weight, a small rank on a wide layer the factored adapter.
+        """
+        n, m, r = self.arena_A.shape[1:].numel(), self.arena_B.shape[0], self.arena_v.numel()
+        positions = self._positions(x)
+        if torch.is_grad_enabled():
+            factored, merged = 3 * positions * r * (n + m), positions * n * m + 3 * m * r * n
+        else:
+            factored, merged = positions * r * (n + m), m * r * n
+        return merged < factored
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.arena_v.numel() == 0:
-            return out
-        return out + self.scaling * self._adapter(x)
+            return self.base_layer(x)
+        if self.merged_is_cheaper(x):
+            # W0 is frozen, so autograd reaches only the delta, and through it A, B and v.
+            return self._with_weight(x, self.base_layer.weight + self.delta_weight())
+        return self.base_layer(x) + self.scaling * self._adapter(x)
 
     def delta_weight(self) -> torch.Tensor:
-        """s * B diag(v) A in the base weight's shape (for merging and export, never used in forward)."""
+        """s * B diag(v) A in the base weight's shape (the merged path of forward, merging and export)."""
         delta = (self.arena_B.flatten(1) * self.arena_v) @ self.arena_A.flatten(1)
         return self.scaling * delta.reshape(self.base_layer.weight.shape)
 
@@ -114,6 +148,12 @@ class ArenaLinear(ArenaLayer):
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.arena_A) * self.arena_v, self.arena_B)
 
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return x.numel() // self.base_layer.in_features
+
     def _plain_layer(self) -> nn.Linear:
         base = self.base_layer
         return nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
@@ -127,6 +167,14 @@ class ArenaConv3d(ArenaLayer):
         # The base's own conv routine, so that A sees exactly the base's padding (padding_mode included).
         h = self.base_layer._conv_forward(x, self.arena_A, None)
         return F.conv3d(h * self.arena_v.view(-1, 1, 1, 1), self.arena_B)
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _positions(self, x: torch.Tensor) -> int:
+        """The input's voxels over the stride's volume: close enough to the output's count for a cost rule."""
+        base = self.base_layer
+        return x.numel() // base.in_channels // math.prod(base.stride)
 
     def _plain_layer(self) -> nn.Conv3d:
         base = self.base_layer
