@@ -1,6 +1,7 @@
 """Imports only point down the package's layers, and no module imports itself back through others.
 
-Layers, lowest first: utils <- data, models <- optim, evaluate <- adapters <- train <- pipeline <- demo, bench, cli.
+Layers, lowest first: utils <- data, models <- optim, evaluate <- adapters <- train <- pipeline <- demo, bench, cli,
+deploy.
 A module may import its own layer and the ones below; every import counts, also those inside functions and under
 TYPE_CHECKING, because each is a dependency a reader has to follow.
 """
@@ -26,6 +27,7 @@ LAYERS = {
     "demo": 6,
     "bench": 6,
     "cli": 6,
+    "deploy": 6,
 }
 
 

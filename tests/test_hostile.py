@@ -106,7 +106,7 @@ def test_predict_refuses_an_existing_folder_as_output_before_inference(run, data
 def test_evaluate_never_writes_over_the_reference_or_another_file(data, tmp_path, capsys):
     ref = data / "labelsTr" / "phantom_0001.nii.gz"
     before = ref.read_bytes()
-    args = ["evaluate", "--pred", str(ref), "--ref", str(ref)]
+    args = ["evaluate", "--pred", str(ref), "--ref", str(ref), "--organ", "liver"]
     assert main([*args, "--out", str(ref)]) == 2
     assert "is an input or a NIfTI file" in error(capsys)
     other = tmp_path / "notes.txt"
@@ -491,14 +491,11 @@ def test_bad_config_metadata_names_the_model_file(cohort, tmp_path, capsys):
     assert f"{bad}: its model configuration" in error(capsys)
 
 
-def test_a_diverged_run_is_an_error_not_a_finished_run(cohort, model, tmp_path, capsys, monkeypatch):
-    from arenaseg.train.loop import TrainResult
-
-    monkeypatch.setattr(
-        pipeline, "train_adapter", lambda *a, **k: TrainResult(2, False, float("nan"), 0.1, 0.2)
-    )  # what --lr 1e30 gives
-    assert adapt(cohort, tmp_path / "run", model) == 2
-    assert "training diverged" in error(capsys) and not (tmp_path / "run" / "run.json").exists()
+def test_a_diverged_run_is_an_error_not_a_finished_run(cohort, model, tmp_path, capsys):
+    # --lr 1e9: the weights reach 1e10 at step 1 and NaN at step 2 while the Dice loss stays below 1
+    assert adapt(cohort, tmp_path / "run", model, "--lr", "1e9", "--steps", "2") == 2
+    assert "training diverged at step 2" in error(capsys)
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "adapter.safetensors").exists()
 
 
 def test_a_hand_edited_adapter_config_is_named(run, data, tmp_path, capsys):

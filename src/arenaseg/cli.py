@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import signal
@@ -16,6 +17,7 @@ import torch
 from arenaseg.data.preprocess import INTENSITY_MODES, PreprocessSettings
 from arenaseg.evaluate.inference import KEEP_LARGEST_COMPONENT
 from arenaseg.utils.errors import UserError
+from arenaseg.utils.outputs import hold_folder
 from arenaseg.utils.precision import DEFAULT_PRECISION
 from arenaseg.utils.provenance import git_commit
 
@@ -109,11 +111,15 @@ def _add_precision_arg(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+MAX_PATCH = 512
+
+
 def _preprocess(args: argparse.Namespace) -> PreprocessSettings:
-    if args.patch < 64 or args.patch % 32:
+    if args.patch < 64 or args.patch % 32 or args.patch > MAX_PATCH:
         raise UserError(
-            f"--patch must be a multiple of 32 and at least 64 (Swin-UNETR downsamples 32x, and its bottleneck "
-            f"normalisation needs more than one voxel), got {args.patch}"
+            f"--patch must be a multiple of 32 from 64 to {MAX_PATCH} (Swin-UNETR downsamples 32x, its bottleneck "
+            f"normalisation needs more than one voxel, and a {MAX_PATCH}^3 patch already outgrows any GPU), got "
+            f"{args.patch}"
         )
     if args.spacing <= 0:
         raise UserError(f"--spacing must be positive, got {args.spacing}")
@@ -240,11 +246,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    from arenaseg.pipeline import predict_inputs
+
+    return predict_inputs(folder)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from arenaseg.pipeline import check_outputs, run_predict
+
+    if args.run and len(args.run) > 1:  # several organs into one label map
+        from arenaseg.deploy.organs import cmd_predict_organs
+
+        return cmd_predict_organs(args)
+    args.run = args.run[0] if args.run else None
 
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
@@ -260,30 +274,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
         inputs, outputs = [src], [dst]
     if (args.run is None) == (args.model is None) or (args.model is None) != (args.organ is None):
         raise UserError("predict needs either --run RUN, or --model MODEL with --organ ORGAN (zero-shot)")
-    run_files = list(Path(args.run).iterdir()) if args.run and Path(args.run).is_dir() else []
-    check_outputs(inputs, outputs, run_files)
+    run_files = [Path(args.run), *Path(args.run).iterdir()] if args.run and Path(args.run).is_dir() else []
+    check_outputs(inputs, outputs, [*run_files, *([src] if src.is_dir() else [])])
     zero_shot = (args.model, args.organ) if args.model else None
-    run_predict(
-        args.run,
-        inputs,
-        outputs,
-        args.device,
-        args.largest_component,
-        zero_shot,
-        precision=args.precision,
-        report=lambda path: print(f"wrote {path}", flush=True),  # as they come: a later file may fail
-    )
+    with hold_folder(dst) if src.is_dir() else contextlib.nullcontext():  # one predict at a time into a folder
+        written = run_predict(
+            args.run,
+            inputs,
+            outputs,
+            args.device,
+            args.largest_component,
+            zero_shot,
+            precision=args.precision,
+            report=lambda path: print(f"wrote {path}", flush=True),  # as they come: a later file may fail
+        )
+    print(f"predict: {_plural(len(written), 'mask')} of {_predicted_organ(args)} in {written[0].parent}")
     return 0
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _predicted_organ(args: argparse.Namespace) -> str:
+    """What predict segmented, for its summary line: the organ and the run or model it came from."""
+    from arenaseg.run_record import RunRecord
+
+    if args.model:
+        return f"{args.organ} (zero-shot, {args.model})"
+    return f"{RunRecord.read(Path(args.run) / 'run.json').organ} (run {args.run})"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from arenaseg.pipeline import evaluate_files
 
     pred, ref = Path(args.pred), Path(args.ref)
-    metrics = evaluate_files(pred, ref, args.organ, Path(args.out) if args.out else None)
+    run = Path(args.run) if args.run else None
+    metrics, target = evaluate_files(pred, ref, args.organ, Path(args.out) if args.out else None, run)
     for cid, m in metrics["cases"].items():
         print(f"{cid}: Dice {m['dice']:.2f}%  HD95 {m['hd95']:.2f} mm  NSD {m['nsd']:.2f}%")
+    for cid, m in metrics.get("support_cases", {}).items():
+        print(f"{cid}: Dice {m['dice']:.2f}% (a support case of {run}: trained on, not in the mean)")
     print(f"mean: Dice {metrics['mean_dice']:.2f}%  HD95 {metrics['mean_hd95']:.2f} mm  NSD {metrics['mean_nsd']:.2f}%")
+    unmatched = metrics.get("unmatched_references", [])
+    if unmatched:
+        print(
+            f"note: {_plural(len(unmatched), 'reference')} in {ref} had no prediction and were not scored: "
+            f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}"
+        )
+    print(f"wrote {target} ({_plural(len(metrics['cases']), 'case')} in the mean)")
     return 0
 
 
@@ -366,6 +405,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     organs = _csv(args.organs) if args.organs else None
     print(f"wrote {write_report(args.out, organs, _csv(args.tracks) if args.tracks else None)}")
     return 0
+
+
+def add_export_parser(sub) -> None:
+    from arenaseg.deploy.commands import add_export_parser as add
+
+    add(sub)
 
 
 def add_bench_parsers(sub) -> None:
@@ -672,9 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new scans with an adapted run, or zero-shot with a foundation model")
     p.add_argument(
         "--run",
+        action="append",
         default=None,
-        help="finished run folder from `arenaseg adapt`; its preprocessing (e.g. --intensity) is applied "
-        "(default: none, then --model and --organ are required)",
+        help="finished run folder from `arenaseg adapt`; its preprocessing (e.g. --intensity) is applied. Repeat "
+        "it for several organs (runs with the same preprocessing, one per organ): one multi-label mask per input "
+        "plus a label map (labels.json in the output folder, NAME.json beside one output file); where two organs "
+        "claim a voxel, the higher probability wins (default: none, then --model and --organ are required)",
     )
     p.add_argument(
         "--model",
@@ -702,10 +750,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--organ",
         default=None,
-        help="organ to pick from a multi-class reference (via the dataset.json next to it); "
-        "default: any non-zero label",
+        help="organ to pick from a multi-class reference (via the dataset.json next to it); required when a "
+        "reference or prediction holds several labels (default: none)",
     )
     p.add_argument("--out", default=None, help="metrics.json to write (default: metrics.json beside --pred)")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="the run folder that predicted: its support cases (trained on) are scored apart, out of the means "
+        "(default: none)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -725,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantoms)
 
     add_bench_parsers(sub)
+    add_export_parser(sub)
 
     from arenaseg.demo import SETTINGS
 

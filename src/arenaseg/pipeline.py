@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -32,6 +32,7 @@ from arenaseg.data.sampling import PatchSampler
 from arenaseg.data.splits import BTCV_FS, SupportDraw, draw_support
 from arenaseg.evaluate.inference import (
     KEEP_LARGEST_COMPONENT,
+    is_our_mask,
     largest_component,
     predict_volume,
     read_label,
@@ -40,10 +41,18 @@ from arenaseg.evaluate.inference import (
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
 from arenaseg.run_record import METRICS, RunRecord
-from arenaseg.train.loop import TrainResult, TrainSettings, recorded_settings, support_loss, train_adapter
+from arenaseg.train.loop import (
+    TrainResult,
+    TrainSettings,
+    check_finite,
+    recorded_settings,
+    support_loss,
+    train_adapter,
+)
 from arenaseg.utils.atomic import write_json
 from arenaseg.utils.device import resolve_device
 from arenaseg.utils.errors import UserError
+from arenaseg.utils.outputs import check_outputs as check_output_rule
 from arenaseg.utils.precision import DEFAULT_PRECISION
 from arenaseg.utils.provenance import device_name, git_commit
 
@@ -93,6 +102,9 @@ def resolve_test_cases(data: Dataset, test_cases: str | Sequence[str]) -> list[s
     if test_cases == "auto":
         split = benchmark_split(data)
         return list(split.test) if split else []
+    repeated = sorted({c for c in test_cases if list(test_cases).count(c) > 1})
+    if repeated:
+        raise UserError(f"--test-cases lists {', '.join(repeated)} more than once; each case is scored once")
     for cid in test_cases:
         data.case(cid)
     return list(test_cases)
@@ -117,6 +129,23 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
             raise FileExistsError(f"{out} holds a finished run ({RUN_FILE}); pass --overwrite to replace it")
     elif (out / CHECKPOINT_FILE).exists() and not resume and not overwrite:
         raise FileExistsError(f"{out} holds an unfinished run ({CHECKPOINT_FILE}); pass --resume to continue it")
+
+
+RUN_FILES = (RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, SETTINGS_FILE, "adapter.safetensors", "adapter_config.json")
+
+
+def check_run_outputs(out: Path, data_root: Path) -> None:
+    """adapt's --out under the output rule (`arenaseg.utils.outputs`): never the data's folders; and a folder
+    that holds no run of ours (no run.json, no checkpoint) keeps its own files of a run's names, e.g. a user's
+    metrics.json, instead of losing them to the run."""
+    ours = (out / RUN_FILE).is_file() or (out / CHECKPOINT_FILE).is_file()
+    check_output_rule(
+        [out / name for name in RUN_FILES],
+        reads=[data_root, data_root / "imagesTr", data_root / "labelsTr"],
+        ours=lambda path: ours,
+        kind="a file of an arenaseg run (the folder holds no run.json)",
+        what="--out file",
+    )
 
 
 class RunFolder:
@@ -167,7 +196,7 @@ class RunFolder:
             before = json.loads(recorded.read_text())
             changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
             if changed:
-                what = "; ".join(f"{k}: {before.get(k)!r}, now {settings.get(k)!r}" for k in changed[:3])
+                what = "; ".join(_change(k, before.get(k), settings.get(k)) for k in changed[:3])
                 raise UserError(
                     f"{self.out} holds an unfinished run started with other settings ({what}); resume it with the "
                     f"same options, or pass --overwrite to start anew"
@@ -204,6 +233,22 @@ class RunFolder:
         for name in sorted(new - {RUN_FILE}):
             os.replace(self.work / name, self.out / name)
         os.replace(self.work / RUN_FILE, self.out / RUN_FILE)
+
+
+def _change(key: str, before, now) -> str:
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        return f"{key}: {', '.join(keys[:3])} changed"
+    return f"{key}: {before!r}, now {now!r}"
+
+
+def support_files(data: Dataset, case_ids: Sequence[str], organ: str) -> dict[str, str]:
+    """sha256 of the files the support cases train on (memoised: the cache key hashes them too)."""
+    paths = []
+    for cid in case_ids:
+        case = data.case(cid)
+        paths += [case.image, case.label if case.label else case.structure_files[organ]]
+    return {str(p): file_digest(p) for p in paths}
 
 
 def build_adapted(model_name: str, organ: str, method: str, options: AdaptOptions, seed: int, track: str = "auto"):
@@ -291,10 +336,16 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
         draw = SupportDraw(tuple(data.case(c).case_id for c in job.support_cases))
     else:
         pool = support_pool(data, tests)
+        if not pool:
+            raise UserError(
+                f"no labelled case of {data.root} is left for the support set: --test-cases takes "
+                f"{len(tests)} of its {len(data.case_ids)} cases; leave some out of it"
+            )
         draw = draw_support(pool, lambda c: data.has_organ(c, organ), job.shots, job.seed, organ=organ)
     if draw.note:
         print(f"note: {draw.note}")
     prepare_run_dir(out, job.overwrite, job.resume)
+    check_run_outputs(out, data.root)
 
     settings = TrainSettings(**{**asdict(job.train), "seed": job.seed})
     options = dataclasses.replace(job.options, total_steps=settings.steps)
@@ -319,6 +370,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
         "model_sha256": file_digest(loaded.source),
         "options": asdict(options),
         "support_cases": list(draw.cases),
+        "support_files": support_files(data, draw.cases, organ),  # a resumed run must train on the same voxels
         "test_cases": tests,
         "train": asdict(settings),
         "preprocess": job.preprocess.to_dict(),
@@ -330,14 +382,11 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
     else:
         sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
         result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE)
-        if not math.isfinite(result.final_loss):
-            raise UserError(
-                f"training diverged: the loss is {result.final_loss} after {result.steps_done} steps; "
-                f"lower --lr (now {settings.lr}) or --head-lr-scale (now {settings.head_lr_scale})"
-            )
     trainable_while_training = 0 if zero_shot else adapted.trainable_params
     adapted.finalize()  # e.g. ARENA's pruning to the active rank
     fit = None if zero_shot else support_loss(adapted.model, sampler, result.steps_done, settings)
+    if fit is not None:
+        check_finite(fit, adapted.model, result.steps_done, settings)  # the final model, in eval mode
     save_adapter(adapted, out, job.preprocess.to_dict())
     report = adapted.rank_report()
 
@@ -439,6 +488,7 @@ def evaluate_cases(
 def load_run(run_dir: str | Path, device: str = "cpu"):
     """Rebuild the adapted model of a finished run (base model from run.json + saved adapter) on ``device``."""
     from arenaseg.adapters import load_adapter
+    from arenaseg.adapters.io import read_adapter_weights
     from arenaseg.models.registry import load_model
 
     run_dir = Path(run_dir)
@@ -448,11 +498,18 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     recorded_sha = record.adapter_sha256  # absent from runs written before 2026-12-02
     adapter = run_dir / "adapter.safetensors"
     if recorded_sha and adapter.is_file() and file_digest(adapter) != recorded_sha:
+        read_adapter_weights(adapter)  # a truncated file is named as such
         raise UserError(
             f"{adapter} is not the adapter this run trained ({RUN_FILE} records another sha256): it was replaced, "
             f"e.g. by another run's ({record.organ} expected)"
         )
+    check_adapter_config(run_dir, record)
     loaded = load_model(record.model)
+    if record.model_sha256 and file_digest(loaded.source) != record.model_sha256:
+        raise UserError(
+            f"{loaded.source} ({record.model!r}) is not the base model this run adapted ({RUN_FILE} records another "
+            f"sha256): {RUN_FILE} was edited or the model file replaced; predict needs the model the run trained on"
+        )
     replace_with_binary_head(loaded.model)
     try:
         adapted = load_adapter(loaded.model, run_dir)
@@ -462,6 +519,24 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise UserError(f"{run_dir / 'adapter_config.json'} does not describe a usable adapter: {err!r}") from err
     adapted.model.to(resolve_device(device))
     return adapted, record
+
+
+def check_adapter_config(run_dir: Path, record: RunRecord) -> None:
+    """adapter_config.json must describe the adapter that run.json says the run trained (method and options):
+    another run's adapter and config copied in would otherwise be used under this run's name."""
+    from arenaseg.adapters.io import read_adapter_config
+
+    config = read_adapter_config(run_dir)
+    method = {"zero-shot": "lp", "scratch": "fft"}.get(record.method, record.method)
+    options = config.get("options") if isinstance(config.get("options"), dict) else {}
+    changed = [k for k in sorted(record.options) if k in options and options[k] != record.options[k]]
+    if config.get("method") != method or changed:
+        what = f"method {config.get('method')!r}, {RUN_FILE} {method!r}" if config.get("method") != method else ""
+        what = what or "; ".join(f"{k} {options[k]!r}, {RUN_FILE} {record.options[k]!r}" for k in changed[:3])
+        raise UserError(
+            f"{run_dir / 'adapter_config.json'} is not the adapter this run trained ({what}): it was replaced, "
+            f"e.g. by another run's"
+        )
 
 
 def remeasure_support_loss(run_dir: str | Path, data: str | Path | None = None, device: str = "cpu") -> float:
@@ -539,57 +614,122 @@ def _label_value(ref: Path, organ: str) -> int:
     raise FileNotFoundError(f"--organ needs a dataset.json beside {ref} or one folder up to map the organ to a label")
 
 
-def evaluate_files(pred: Path, ref: Path, organ: str | None, out: Path | None) -> dict:
-    """Metrics of prediction file(s) against reference file(s) on the reference grid; writes metrics.json."""
+def evaluate_files(
+    pred: Path, ref: Path, organ: str | None, out: Path | None, run_dir: Path | None = None
+) -> tuple[dict, Path]:
+    """Metrics of prediction file(s) against reference file(s) on the reference grid; writes metrics.json and
+    returns (metrics, where it was written). Both files of a pair are binarised by one rule (`organ_mask`);
+    references without a prediction are listed (``unmatched_references``); with ``run_dir`` the run's support
+    cases are scored apart (``support_cases``), out of the means, since the run trained on them."""
     for path in (pred, ref):
         if not path.exists():
             raise FileNotFoundError(f"not found: {path}")
     if pred.is_dir() != ref.is_dir():
         raise UserError("--pred and --ref must both be files or both be folders")
+    support = set(RunRecord.read(run_dir / RUN_FILE).support_cases) if run_dir is not None else set()
     target = out or (pred if pred.is_dir() else pred.parent) / METRICS_FILE
-    check_metrics_target(target, [pred, ref])
+    unmatched: list[str] = []
     if pred.is_dir():
         names = sorted(p.name for p in pred.iterdir() if p.name.endswith((".nii.gz", ".nii")))
         missing = [n for n in names if not (ref / n).is_file()]
         if not names or missing:
             raise UserError(f"references missing in {ref} for {missing[:5] or 'every prediction (none found)'}")
         pairs = [(pred / n, ref / n) for n in names]
+        unmatched = sorted(
+            p.name for p in ref.iterdir() if p.name.endswith((".nii.gz", ".nii")) and p.name not in names
+        )
     else:
         pairs = [(pred, ref)]
-    cases = {}
+    value = _label_value(pairs[0][1], organ) if organ else None
+    reads = [*(p for p in (pred, ref) if p.is_file()), ref if ref.is_dir() else ref.parent]
+    check_metrics_target(target, reads, given=out is not None)
+    cases, support_cases = {}, {}
     for p, r in pairs:
         check_same_affine(p, nib.load(str(p)).affine, r, nib.load(str(r)).affine)
-        (ref, spacing), (pred_labels, _) = read_label(r), read_label(p)
-        if pred_labels.shape != ref.shape:
-            raise UserError(f"{p} has shape {pred_labels.shape}, reference {r} has {ref.shape}")
-        ref_mask = ref == _label_value(r, organ) if organ else ref > 0
-        cases[r.name.split(".nii")[0]] = case_metrics(pred_labels > 0, ref_mask, spacing)
+        (ref_labels, spacing), (pred_labels, _) = read_label(r), read_label(p)
+        if pred_labels.shape != ref_labels.shape:
+            raise UserError(f"{p} has shape {pred_labels.shape}, reference {r} has {ref_labels.shape}")
+        cid = r.name.split(".nii")[0]
+        scores = case_metrics(organ_mask(pred_labels, value, p), organ_mask(ref_labels, value, r), spacing)
+        (support_cases if cid in support else cases)[cid] = scores
+    if not cases:
+        raise UserError(f"every prediction is a support case of {run_dir}: nothing is left to score")
     metrics = summarise(cases)
+    if unmatched:
+        metrics["unmatched_references"] = unmatched
+    if support_cases:
+        metrics["support_cases"] = support_cases
     write_json(target, metrics)
-    return metrics
+    return metrics, target
 
 
-def check_metrics_target(target: Path, inputs: Sequence[Path]) -> None:
-    """evaluate writes metrics.json over an earlier one only: never over an input, a folder or any other file."""
+def organ_mask(labels: np.ndarray, value: int | None, path: Path) -> np.ndarray:
+    """The organ's voxels, by one rule for a prediction and its reference: a binary mask (values 0 and 1, what
+    predict writes) as it is; a label map, the organ's ``value`` (--organ), which it needs when it holds several
+    labels: without it any non-zero voxel would count, and a multi-organ reference would score a liver against
+    every organ at once."""
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    if set(present) <= {1}:
+        return labels == 1
+    if value is None:
+        if len(present) > 1:
+            raise UserError(
+                f"{path} holds the labels {present[:10]}: pass --organ NAME to say which one is scored "
+                f"(its value comes from the dataset.json beside the reference)"
+            )
+        return labels != 0
+    return labels == value
+
+
+def check_metrics_target(target: Path, reads: Sequence[Path], given: bool = True) -> None:
+    """evaluate's --out under the output rule (`arenaseg.utils.outputs`): a .json file, never one it reads nor
+    one in the references' folder, replacing an earlier metrics file only."""
     if target.is_dir():
         raise UserError(f"--out {target} is a folder; give a file name, e.g. {target / METRICS_FILE}")
-    if target.resolve() in {p.resolve() for p in inputs} or target.name.endswith((".nii", ".nii.gz")):
+    if target.name.endswith((".nii", ".nii.gz")):
         raise UserError(f"--out {target} is an input or a NIfTI file; metrics go to a .json file, e.g. {METRICS_FILE}")
-    if target.exists():
-        try:
-            earlier = json.loads(target.read_text()) if target.stat().st_size < 2**24 else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            earlier = None
-        if not (isinstance(earlier, dict) and "mean_dice" in earlier):
-            raise UserError(f"--out {target} exists and is not a metrics file of arenaseg evaluate; not overwriting it")
+    what = "--out" if given else "the default --out (beside --pred)"
+    check_output_rule(
+        [target], reads=reads, ours=_is_metrics_file, kind="a metrics file of arenaseg evaluate", what=what
+    )
+
+
+def _is_metrics_file(path: Path) -> bool:
+    try:
+        earlier = json.loads(path.read_text()) if path.stat().st_size < 2**24 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(earlier, dict) and "mean_dice" in earlier
 
 
 def check_outputs(inputs: Sequence[Path], outputs: Sequence[Path], protected: Sequence[Path] = ()) -> None:
-    """predict never writes over what it reads: an output that is an input or a ``protected`` file (the run's),
-    or that is an existing folder, is refused before anything runs."""
-    sources = {p.resolve() for p in [*inputs, *protected]}
+    """predict's outputs under the output rule (`arenaseg.utils.outputs`): NIfTI names, never an input or a
+    ``protected`` path (the run's files and folder, the input folder), never two from one name, and never over
+    an existing file that is not a mask of ours; checked before anything runs."""
     for dst in outputs:
-        if dst.resolve() in sources:
-            raise UserError(f"output {dst} is one of the inputs or of the run's files; choose another --output")
-        if dst.is_dir():
-            raise UserError(f"output {dst} is an existing folder; give a file name (.nii.gz)")
+        if not dst.name.endswith((".nii.gz", ".nii")) and not dst.is_dir():
+            raise UserError(f"output {dst} must end in .nii.gz (or .nii): predict writes NIfTI masks")
+    check_output_rule(
+        outputs,
+        reads=[*inputs, *protected],
+        sources=inputs,
+        ours=is_our_mask,
+        kind="a mask written by arenaseg predict",
+    )
+
+
+def predict_inputs(folder: Path) -> list[Path]:
+    """The scans of a predict folder, nnU-Net's way: ``CASE_0000.nii.gz`` (or a name without a channel suffix).
+    Anything that looks like a scan but cannot be read as one, and a second channel (our models take one), is
+    refused before any mask is written."""
+    names = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    for path in names:
+        if not path.is_file():
+            why = "a folder" if path.is_dir() else "a broken symbolic link or a symlink loop"
+            raise UserError(f"{path} is {why}, not a NIfTI file; remove it or move it out of {folder}")
+        if re.search(r"_(\d{4})\.nii(\.gz)?$", path.name) and not re.search(r"_0000\.nii(\.gz)?$", path.name):
+            raise UserError(
+                f"{path} is a channel other than _0000 (nnU-Net's naming): arenaseg models take one channel "
+                f"(a CT or MRI scan); move the other channels out of {folder}"
+            )
+    return names

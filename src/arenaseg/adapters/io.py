@@ -115,6 +115,13 @@ def read_adapter_config(folder: str | Path) -> dict:
     return config
 
 
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise UserError(f"{path}: not a readable safetensors file (truncated or damaged?): {err}") from None
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> AdaptedModel:
     """Re-adapt a fresh base ``model`` as the saved adapter was (ARENA at its saved, pruned ranks) and load the
     saved tensors strictly. The base and the file are checked before the model is touched: a base that does not
@@ -123,7 +130,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AdaptedModel:
     config = read_adapter_config(folder)
     expected_base = {name: tuple(shape) for name, shape in config["base"]["tensors"]}
     _check_fits(expected_base, _shapes(model.state_dict()), f"the base model does not fit the adapter in {folder}")
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS)
     recorded = {name: tuple(shape) for name, shape in config["tensors"].items()}
     _check_fits(recorded, _shapes(tensors), f"{folder / ADAPTER_WEIGHTS} does not match its {ADAPTER_CONFIG}")
 

@@ -34,6 +34,7 @@ class Dataset:
     labels: dict[str, int]
     cases: list[Case]
     labels_present: dict[str, set[str]] = field(default_factory=dict)
+    _in_voxels: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     @property
     def organs(self) -> list[str]:
@@ -59,9 +60,11 @@ class Dataset:
         raise UserError(f"organ {organ!r} is not in the label map of {self.root}; valid: {', '.join(self.organs)}")
 
     def has_organ(self, case_id: str, organ: str) -> bool:
-        """Whether the case's label contains the organ (from dataset.json when listed, else read from the file)."""
-        if case_id in self.labels_present:
-            return organ in self.labels_present[case_id]
+        """Whether the case's label contains the organ. dataset.json's ``labels_present`` may say yes (the
+        preprocessed voxels are checked before training); its no is checked in the file, since the voxels decide
+        and a hand-written list may miss a value."""
+        if organ in self.labels_present.get(case_id, ()):
+            return True
         import nibabel as nib
         import numpy as np
 
@@ -69,10 +72,10 @@ class Dataset:
         if self.layout == "totalsegmentator":
             path = c.structure_files.get(organ)
             return path is not None and bool(np.asarray(nib.load(path).dataobj).any())
-        data = np.asarray(nib.load(c.label).dataobj)
-        present = {name for name, v in self.labels.items() if name != "background" and (data == v).any()}
-        self.labels_present[case_id] = present
-        return organ in present
+        if case_id not in self._in_voxels:
+            data = np.asarray(nib.load(c.label).dataobj)
+            self._in_voxels[case_id] = {n for n, v in self.labels.items() if n != "background" and (data == v).any()}
+        return organ in self._in_voxels[case_id]
 
 
 def open_dataset(root: str | Path) -> Dataset:
@@ -93,19 +96,24 @@ def open_dataset(root: str | Path) -> Dataset:
 def read_label_map(path: Path) -> tuple[dict, dict[str, int]]:
     """dataset.json's content and its label map, checked: an object of names to distinct integer values."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON: {err}") from None
+    except _DuplicateKey as err:
+        raise UserError(f"{path}: the key {err} appears twice in one object; JSON keeps only the last") from None
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(labels, dict):
         raise UserError(
             f'{path}: "labels" must be an object of label names to integer values, e.g. {{"background": 0, '
             f'"liver": 1}}; found {type(labels).__name__ if labels is not None else "none"}'
         )
-    try:
-        labels = {str(k): int(v) for k, v in labels.items()}
-    except (TypeError, ValueError) as err:
-        raise UserError(f'{path}: every "labels" value must be an integer: {err}') from None
+    odd = {k: v for k, v in labels.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0}
+    if odd:
+        name, value = next(iter(odd.items()))
+        raise UserError(
+            f'{path}: every "labels" value must be a non-negative integer (the voxel value of the label); '
+            f"{name!r} is {json.dumps(value)}"
+        )
     by_value: dict[int, list[str]] = {}
     for name, value in labels.items():
         by_value.setdefault(value, []).append(name)
@@ -116,23 +124,64 @@ def read_label_map(path: Path) -> tuple[dict, dict[str, int]]:
     return meta, labels
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(json.dumps(key))
+    return dict(pairs)
+
+
 def read_nnunet(root: Path) -> Dataset:
+    """An nnU-Net v2 raw folder. Every file of imagesTr/ and labelsTr/ is accounted for: one that the dataset
+    would leave out (another file ending, a second channel, a link that leads nowhere) is refused, not dropped."""
     meta, labels = read_label_map(root / "dataset.json")
     ending = meta.get("file_ending", ".nii.gz")
+    channels = meta.get("channel_names", meta.get("modality", {"0": "CT"}))
+    if not isinstance(channels, dict) or len(channels) != 1:
+        raise UserError(
+            f"{root / 'dataset.json'}: channel_names {json.dumps(channels)}: arenaseg models take one channel "
+            f"(a CT or MRI scan)"
+        )
     cases = []
-    for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
+    for image in sorted((root / "imagesTr").iterdir() if (root / "imagesTr").is_dir() else []):
+        if image.name.startswith(".") or not image.name.endswith((".nii", ".nii.gz", ending)):
+            continue  # not an image (e.g. a README)
+        if not image.name.endswith(f"_0000{ending}"):
+            raise UserError(
+                f"{image} is not a first channel of file ending {ending} (imagesTr/CASE_0000{ending}, as "
+                f"{root / 'dataset.json'} says): arenaseg models take one channel; convert it or move it out"
+            )
         case_id = image.name[: -len(f"_0000{ending}")]
         label = root / "labelsTr" / f"{case_id}{ending}"
+        if label.is_symlink() and not label.is_file():
+            raise UserError(f"{label} is a broken symbolic link or a symlink loop")
         cases.append(Case(case_id, image, label if label.is_file() else None))
     if not cases:
         raise UserError(f"no images matching imagesTr/*_0000{ending} in {root}")
+    return Dataset(root, "nnunet", labels, cases, _labels_present(root / "dataset.json", meta, labels))
+
+
+def _labels_present(path: Path, meta: dict, labels: dict[str, int]) -> dict[str, set[str]]:
+    """dataset.json's optional ``cases`` list: [{"case": ID, "labels_present": [values]}, ...], checked."""
+    entries = meta.get("cases", [])
+    if not isinstance(entries, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("case"), str) for c in entries
+    ):
+        raise UserError(f'{path}: "cases" must be a list of objects, each with a "case" id, e.g. [{{"case": "x"}}]')
     names = {v: k for k, v in labels.items()}
-    present = {
-        c["case"]: {names[v] for v in c.get("labels_present", []) if v in names}
-        for c in meta.get("cases", [])
-        if "labels_present" in c
-    }
-    return Dataset(root, "nnunet", labels, cases, present)
+    present = {}
+    for c in entries:
+        values = c.get("labels_present", [])
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise UserError(f'{path}: case {c["case"]!r}: "labels_present" must be a list of label values')
+        if "labels_present" in c:
+            present[c["case"]] = {names[v] for v in values if v in names}
+    return present
 
 
 def read_totalsegmentator(root: Path) -> Dataset:

@@ -10,9 +10,12 @@ stale entry.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,6 +102,12 @@ MAX_VOXELS = 2**30
 # Image and label affines may differ by this much (mm; rounding in the writers), no more: a label shifted or
 # flipped against its image no longer lies on the organ.
 AFFINE_TOLERANCE_MM = 1e-3
+# Voxel sizes of CT, MRI and PET lie far inside this range (mm); outside it, or over this extent (no patient is
+# 5 m long), the header is damaged, and resampling it would ask for terabytes.
+SPACING_RANGE_MM = (0.01, 50.0)
+MAX_EXTENT_MM = 5000.0
+# Largest |cos| between two voxel axes, and largest relative gap between pixdim and the affine's voxel size.
+GEOMETRY_TOLERANCE = 1e-3
 
 
 def check_case_files(image: Path, labels: Sequence[Path] = ()) -> None:
@@ -130,6 +139,8 @@ def check_same_affine(path: Path, affine: np.ndarray, reference: Path, reference
 
 
 def _read_header(path: Path) -> nib.Nifti1Image:
+    """The header of a NIfTI file, checked (`check_geometry`, sizes) before any voxel is used; a compressed
+    file's checksum is verified too (`check_compressed`)."""
     if not Path(path).is_file():
         raise CaseError(f"file not found: {path}")
     try:
@@ -150,7 +161,94 @@ def _read_header(path: Path) -> nib.Nifti1Image:
         size = Path(path).stat().st_size
         if size < needed:
             raise CaseError(f"{path}: truncated: the header needs {needed} bytes, the file holds {size}")
+    check_geometry(path, img)
+    check_compressed(path)
     return img
+
+
+def check_geometry(path: Path, img: nib.Nifti1Image) -> None:
+    """The one geometry check of every image and label read: where its voxels lie in the patient must be known
+    (a qform or sform code), sane (voxel sizes in `SPACING_RANGE_MM`, pixdim agreeing with the affine) and
+    rigid (axes at right angles, as ITK, nnU-Net's reader, requires). Else a mask comes out mirrored, shifted or
+    skewed with no error at all."""
+    header = img.header
+    if len(img.shape) < 3:
+        return  # not a volume: check_case_files says so
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        raise CaseError(
+            f"{path}: the header gives no orientation (qform and sform codes are 0), so left and right cannot be "
+            f"told apart and a mask would come out mirrored; set its qform or sform from the scanner's geometry"
+        )
+    axes = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    lo, hi = SPACING_RANGE_MM
+    for what, values in (("voxel size (from the affine)", spacing), ("pixdim", zooms)):
+        if not ((values >= lo) & (values <= hi)).all():
+            raise CaseError(
+                f"{path}: its {what} {np.round(values, 4).tolist()} mm is outside {lo}-{hi} mm: the header is damaged"
+            )
+    directions = axes / spacing
+    skew = float(np.abs(directions.T @ directions - np.eye(3)).max())
+    if skew > GEOMETRY_TOLERANCE:
+        raise CaseError(
+            f"{path}: its affine is sheared (voxel axes not at right angles; cos up to {skew:.3g}): a scan's axes "
+            f"are orthogonal, and resampling a sheared grid would skew the anatomy. Affine "
+            f"{np.round(img.affine, 3).tolist()}"
+        )
+    if not np.allclose(zooms, spacing, rtol=GEOMETRY_TOLERANCE, atol=0):
+        raise CaseError(
+            f"{path}: its pixdim {np.round(zooms, 4).tolist()} mm disagrees with the voxel size of its affine "
+            f"{np.round(spacing, 4).tolist()} mm: the header is damaged"
+        )
+    extent = np.asarray(img.shape[:3]) * spacing
+    if extent.max() > MAX_EXTENT_MM:
+        raise CaseError(
+            f"{path}: the volume spans {np.round(extent).tolist()} mm, more than {MAX_EXTENT_MM:g} mm: the header "
+            f"is damaged"
+        )
+
+
+def check_compressed(path: Path, _verified: set = set()) -> None:  # noqa: B006 - a per-process memo
+    """Decompress a .gz file to its end, which verifies its checksum: nibabel stops at the voxels, so a bit
+    flipped inside the stream gives silently wrong voxels. Memoised by (path, size, mtime)."""
+    if not str(path).endswith(".gz"):
+        return
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _verified:
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise CaseError(f"{path}: cannot read its voxels (truncated or damaged?): {err}") from None
+    _verified.add(key)
+
+
+def check_label_values(voxels: torch.Tensor | np.ndarray, source: str | Path) -> None:
+    """A label map holds integer class values: a NaN, a 5.5 or a soft 0.5 matches no class, and the voxels would
+    silently become background."""
+    t = torch.as_tensor(voxels)
+    if not t.is_floating_point():
+        return
+    bad = t[~torch.isfinite(t) | (t != t.round())]
+    if bad.numel():
+        found = sorted({float(v) for v in bad.unique()[:5]}, key=str)
+        raise CaseError(
+            f"{source}: a label map holds integer class values; {bad.numel()} voxels hold others, e.g. {found}"
+        )
+
+
+class RejectNonIntegerLabelsd(MapTransform):
+    """`check_label_values` in a MONAI pipeline, naming the file."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_label_values(d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key))
+        return d
 
 
 class RejectNonFinited(MapTransform):
@@ -244,6 +342,7 @@ def deterministic_transforms(
         steps += [
             LoadImaged(keys=["label"]),
             EnsureChannelFirstd(keys=["label"]),
+            RejectNonIntegerLabelsd(keys=["label"]),
             MapLabelsd("label", label_mapping),
         ]
     steps += [
@@ -349,7 +448,22 @@ def preprocessed_dataset(
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    return PersistentDataset(list(items), transform=transform, cache_dir=cache, hash_func=hash_item)
+    return CheckedCache(list(items), transform=transform, cache_dir=cache, hash_func=hash_item)
+
+
+class CheckedCache(PersistentDataset):
+    """MONAI's on-disk cache, except that an entry that cannot be read (a killed copy, a full disk) is named,
+    removed and rebuilt: MONAI re-raises most such errors, so every later run failed on the same file."""
+
+    def _cachecheck(self, item_transformed):
+        entry = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if entry.is_file():
+            try:
+                return torch.load(entry, weights_only=True)
+            except Exception as err:  # torch raises many types for a damaged file; the entry is rebuilt anyway
+                print(f"note: preprocessing cache entry {entry} is damaged ({err}); rebuilding it", file=sys.stderr)
+                entry.unlink(missing_ok=True)
+        return super()._cachecheck(item_transformed)
 
 
 def load_all(dataset: PersistentDataset, progress: bool = False) -> list[dict]:
@@ -386,11 +500,11 @@ def load_cases(
     return load_all(preprocessed_dataset(items, settings, mapping, cache_dir), progress=progress)
 
 
-def explain_transform_error(err: Exception, paths: Sequence[str | Path]) -> CaseError | None:
+def explain_transform_error(err: Exception, paths: Sequence[str | Path]) -> Exception | None:
     """What the user needs from an error inside MONAI's "applying transform <... object at 0x...>" wrapper: our own
-    `CaseError` as it is; else, when one of the case's files cannot be read, that file and why; else, for the
-    errors MONAI raises on data it cannot use (ValueError, MemoryError), the files and the transform's message.
-    None for anything else: a bug keeps its traceback."""
+    `CaseError` as it is; else, when one of the case's files cannot be read, that file and why; else, for data
+    MONAI cannot use (ValueError), the files and the transform's message; running out of memory becomes a
+    MemoryError naming them (the CLI's out-of-memory exit). None for anything else: a bug keeps its traceback."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, CaseError):
@@ -406,7 +520,10 @@ def explain_transform_error(err: Exception, paths: Sequence[str | Path]) -> Case
     root = err
     while root.__cause__ is not None:
         root = root.__cause__
-    if isinstance(root, (ValueError, MemoryError)):
+    if isinstance(root, MemoryError) or "can't allocate memory" in str(root):  # torch's CPU allocator: RuntimeError
+        step = str(err).split("<")[-1].split(" object")[0].rsplit(".", 1)[-1]
+        return MemoryError(f"{' / '.join(map(str, paths))}: preprocessing ({step}): {str(root).splitlines()[0]}")
+    if isinstance(root, ValueError):
         step = str(err).split("<")[-1].split(" object")[0].rsplit(".", 1)[-1]
         names = " / ".join(map(str, paths))
         return CaseError(f"{names}: preprocessing ({step}) failed: {type(root).__name__}: {root}")

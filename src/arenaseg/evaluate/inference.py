@@ -17,6 +17,7 @@ from arenaseg.data.preprocess import (
     CaseError,
     PreprocessSettings,
     check_case_files,
+    check_label_values,
     deterministic_transforms,
     explain_transform_error,
 )
@@ -27,6 +28,8 @@ from arenaseg.utils.precision import DEFAULT_PRECISION, autocast
 # pretrain-split evidence only (docs/benchmark.md criterion 5; benchmarks/results/probe/README.md: on every probe
 # run it raised held-in volume Dice and lowered HD95), never on test cases. Run evaluations score both ways.
 KEEP_LARGEST_COMPONENT = True
+# The header description of every mask we write: what lets a later predict replace it, and nothing else.
+MASK_DESCRIPTION = b"arenaseg predict"
 
 
 @torch.no_grad()
@@ -91,21 +94,32 @@ def read_label(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
         voxels = np.asarray(img.dataobj)
     except Exception as err:  # nibabel, gzip and zlib raise many types for damaged files
         raise CaseError(f"{path}: cannot read its voxels (truncated or damaged?): {err}") from None
+    check_label_values(voxels, path)
     return voxels, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def write_like(reference_image: str | Path, labels: np.ndarray, output: str | Path) -> Path:
-    """Write ``labels`` with the reference image's affine and header geometry (atomic)."""
+    """Write ``labels`` with the reference image's affine and header geometry (atomic), marked as ours in the
+    header's description, so that a later predict may replace it and nothing else (`is_our_mask`)."""
     ref = nib.load(str(reference_image))
     header = ref.header.copy()
     header.set_data_dtype(np.uint8)
+    header["descrip"] = MASK_DESCRIPTION
     img = nib.Nifti1Image(labels.astype(np.uint8), ref.affine, header)
     output = Path(output)
     with atomic_path(output) as tmp:
-        tmp_gz = tmp.with_name(tmp.name + ".nii.gz")
-        nib.save(img, str(tmp_gz))
-        tmp_gz.replace(tmp)
+        tmp_nifti = tmp.with_name(tmp.name + (".nii.gz" if output.name.endswith(".gz") else ".nii"))
+        nib.save(img, str(tmp_nifti))
+        tmp_nifti.replace(tmp)
     return output
+
+
+def is_our_mask(path: Path) -> bool:
+    """Whether ``path`` is a mask that `write_like` wrote (its header's description says so)."""
+    try:
+        return bytes(nib.load(str(path)).header["descrip"]).startswith(MASK_DESCRIPTION)
+    except Exception:  # any unreadable file is not ours
+        return False
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ killed run resumed from its checkpoint reaches exactly the tensors an uninterrup
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -114,6 +115,7 @@ def train_adapter(
         scheduler.step()
         step_times.append(time.perf_counter() - t0)
         loss_value = loss.item()
+        check_finite(loss_value, model, step + 1, settings)  # before the checkpoint: never save a diverged state
         stopped = stopper.update(loss_value)
         bar.set_postfix(loss=f"{loss_value:.3f}", **adapted.progress())
         done = step + 1
@@ -134,6 +136,20 @@ def train_adapter(
         final_loss=loss_value,
         seconds_per_step=statistics.median(times) if times else float("nan"),
         train_seconds=sum(times),
+    )
+
+
+def check_finite(loss: float, model: torch.nn.Module, steps_done: int, settings: TrainSettings) -> None:
+    """The numeric guard of training: a loss or trainable weight that is NaN or infinite ends the run with a
+    UserError (exit 2) before anything is saved. A Dice loss stays below 1 while the weights blow up (--lr 1e9
+    reaches 1e10 in one step and NaN in the next), so the weights are checked too."""
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    if math.isfinite(loss) and weights_finite:
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights hold NaN or infinite values"
+    raise UserError(
+        f"training diverged at step {steps_done}: {what}; lower --lr (now {settings.lr}) or --head-lr-scale "
+        f"(now {settings.head_lr_scale}). No adapter was written"
     )
 
 
