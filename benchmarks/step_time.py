@@ -6,6 +6,8 @@ bare forward + backward, on the CPU-preset Swin-UNETR (feature size 12, binary h
     .venv/bin/python benchmarks/step_time.py --device cuda --precisions fp32 bf16       # GPU: ARENA and LoRA only
     .venv/bin/python benchmarks/step_time.py --quick                                    # smoke run
     .venv/bin/python benchmarks/step_time.py --threads 1 --ranks 16 --attention both    # fused vs MONAI attention
+    .venv/bin/python benchmarks/step_time.py --threads 2 --ranks 16 --precisions fp32 bf16 \
+        --levers compile,bf16-weights,channels-last --model btcv-fs                     # speed levers side by side
 
 A training step is `arenaseg.train.loop.training_step` (the loop's own function: forward and loss under the
 precision's autocast, backward, optimizer step, after-step hook) plus the scheduler step, on one fixed batch of
@@ -17,6 +19,16 @@ ARENA and LoRA steps only and records which other processes used the GPU (there 
 ``--inference`` add full fine-tuning and merged-ARENA inference cases. ``--attention both`` times every training and
 inference case twice, with our fused window attention (`arenaseg.models.attention`, what the package runs) and with
 MONAI's own reference path (cases marked "[MONAI attention]"); P7 uses the first ``--attention`` choice.
+
+Levers (``--levers``, comma-separated; ``a+b`` combines levers in one case): each adds, per ARENA/LoRA training case
+at ``--ranks`` and the first ``--precisions`` entry, the same case with a speed lever (marked "[lever]"):
+``compile`` (``torch.compile`` of the network, mode ``--compile-mode``; the first call, which compiles the forward
+and the backward, is reported apart and never timed), ``bf16-weights`` (bf16 autocast with the frozen Linear/Conv
+weights stored in bf16, so that autocast stops casting them every call; adapter parameters, the head and the norms
+stay float32), ``channels-last`` (model and input in ``torch.channels_last_3d``). A lever that fails (e.g. inductor
+without a C++ compiler) is reported with its error line instead of times. Every case of one method and rank starts
+from the same weights and steps on the same batch, so the levers' losses, step by step, are compared with the
+baseline's (fp32; for bf16-weights also bf16 autocast alone): the parity column.
 
 Throughput: each case's floating-point operations per step are counted once, untimed, with torch's FlopCounterMode
 (matmuls and convolutions only; attention through torch's composite SDPA path while counting, so that the fused and the
@@ -36,6 +48,7 @@ is the step's working memory (activations, gradients, optimizer state created by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import datetime
@@ -60,6 +73,7 @@ from arenaseg.adapters import AdaptOptions, adapt_model, arena_layers, merge_are
 from arenaseg.data.preprocess import PreprocessSettings
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.models.attention import FusedWindowAttention
+from arenaseg.models.registry import class_row, load_model
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr, replace_with_binary_head
 from arenaseg.train.loop import TrainSettings, loss_function, training_step
 from arenaseg.train.schedule import warmup_cosine
@@ -74,6 +88,9 @@ P7_METHOD = ("arena", 16)
 ATTENTION = ("fused", "monai")
 MONAI_MARK = " [MONAI attention]"
 PEAK_MATMUL = 4096
+LEVERS = ("compile", "bf16-weights", "channels-last")
+LOW_PRECISION_CONVS = (nn.Linear, nn.Conv3d, nn.ConvTranspose3d)  # autocast lowers these
+HEAD_ORGAN = "liver"  # a --model's binary head starts from this class's log-odds, when it has one
 
 
 class PeakMemory:
@@ -114,6 +131,11 @@ class Case:
     params: int
     precision: str = "fp32"
     flops: int = 0
+    lever: str = ""  # "" for the plain cases
+    reference: Case | None = None  # the plain case a lever case is compared with (same method, rank, attention)
+    first_s: float = float("nan")  # a lever case's first, untimed call (compile cases: compiling included)
+    error: str = ""  # a lever that failed: its error line
+    losses: list[float] = field(default_factory=list)  # the training loss of every call, in order
     seconds: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
     step_mib: list[float] = field(default_factory=list)
@@ -123,14 +145,20 @@ class Case:
         return statistics.median(self.seconds)
 
 
-def base_model(device: torch.device, attention: str) -> nn.Module:
+def base_model(device: torch.device, attention: str, model_name: str | None = None) -> nn.Module:
+    """The CPU preset with random weights, or ``model_name`` (a built-in name or a file) with a binary head started
+    from its ``HEAD_ORGAN`` class."""
     torch.manual_seed(0)
-    model = build_swin_unetr(ModelConfig.cpu_preset(out_channels=14))
+    if model_name is None:
+        model, head = build_swin_unetr(ModelConfig.cpu_preset(out_channels=14)), ()
+    else:
+        loaded = load_model(model_name)
+        model, head = loaded.model, class_row(loaded, HEAD_ORGAN) or ()
     if attention == "monai":  # back to MONAI's own class, whose reference path runs (use_flash_attention is off)
         for module in model.modules():
             if isinstance(module, FusedWindowAttention):
                 module.__class__ = WindowAttention
-    replace_with_binary_head(model)
+    replace_with_binary_head(model, *head)
     return model.to(device)
 
 
@@ -138,12 +166,48 @@ def marked(name: str, attention: str) -> str:
     return name + (MONAI_MARK if attention == "monai" else "")
 
 
+def frozen_weights_to_bf16(network: nn.Module) -> int:
+    """Store the weights of every fully frozen Linear/Conv (the adapters' base layers and the untargeted ones) in
+    bf16, so that bf16 autocast finds them already lowered; trainable parameters, norms and biases of trainable
+    layers stay float32. Returns how many modules changed."""
+    changed = 0
+    for module in network.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, LOW_PRECISION_CONVS) and params and not any(p.requires_grad for p in params):
+            module.to(torch.bfloat16)
+            changed += 1
+    return changed
+
+
+def apply_levers(adapted, levers: frozenset[str], compile_mode: str) -> None:
+    """Turn the levers on for one adapted model, in place (before its optimizer is built)."""
+    if "bf16-weights" in levers:
+        frozen_weights_to_bf16(adapted.network)
+    if "channels-last" in levers:
+        adapted.network.to(memory_format=torch.channels_last_3d)
+    if "compile" in levers:  # in place: parameter names, PEFT's wrapper and the adapters' hooks stay as they are
+        adapted.network.compile(mode=None if compile_mode == "default" else compile_mode)
+
+
 class Trainer:
     """One adapted model with the loop's optimizer, schedule, loss and loss scaler for ``precision``."""
 
-    def __init__(self, method: str, rank: int, precision: str, device: torch.device, attention: str) -> None:
-        self.adapted = adapt_model(base_model(device, attention), method, AdaptOptions(rank=rank))
+    def __init__(
+        self,
+        method: str,
+        rank: int,
+        precision: str,
+        device: torch.device,
+        attention: str,
+        lever: str = "",
+        model_name: str | None = None,
+        compile_mode: str = "default",
+    ) -> None:
+        self.adapted = adapt_model(base_model(device, attention, model_name), method, AdaptOptions(rank=rank))
         self.adapted.model.train()
+        self.levers = frozenset(lever.split("+")) - {""}
+        self.channels_last = "channels-last" in self.levers
+        apply_levers(self.adapted, self.levers, compile_mode)
         self.settings = TrainSettings(precision=precision)
         s = self.settings
         self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.head_lr_scale)
@@ -152,17 +216,31 @@ class Trainer:
         self.loss_fn = loss_function(s.cross_entropy)
         self.steps = itertools.count()
         self.name = marked("fft" if method == "fft" else f"{method} r={rank}", attention)
+        self.name += f" [{lever}]" if lever else ""
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """What the loop does per step after drawing the batch."""
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the loop does per step after drawing the batch; returns the loss."""
         step = next(self.steps)
-        training_step(self.adapted, self.optimizer, self.scaler, images, labels, self.loss_fn, self.settings, step)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        loss = training_step(
+            self.adapted, self.optimizer, self.scaler, images, labels, self.loss_fn, self.settings, step
+        )
         self.scheduler.step()
+        return loss
 
 
-def training_case(method: str, rank: int, precision: str, batch, device: torch.device, attention: str) -> Case:
-    trainer = Trainer(method, rank, precision, device, attention)
-    return Case(trainer.name, lambda: trainer.step(*batch), trainer.adapted.trainable_params, precision)
+def training_case(
+    method: str, rank: int, precision: str, batch, device: torch.device, attention: str, **options
+) -> Case:
+    trainer = Trainer(method, rank, precision, device, attention, **options)
+    case = Case(trainer.name, lambda: trainer.step(*batch), trainer.adapted.trainable_params, precision)
+    case.lever = options.get("lever", "")
+    return case
+
+
+def lever_precision(lever: str, precisions: list[str]) -> str:
+    return "bf16" if "bf16-weights" in lever.split("+") else precisions[0]
 
 
 def synthetic_volumes(count: int = 3) -> list[dict]:
@@ -226,10 +304,41 @@ def count_flops(cases: list[Case], grad: bool) -> None:
     """One untimed run of each case under FlopCounterMode. Torch counts no FLOPs for its fused CPU attention
     kernels, so attention runs through SDPA's composite (matmul) path here, as MONAI's reference path does."""
     for case in cases:
+        if case.reference is not None:
+            continue
         counter = FlopCounterMode(display=False)
         with torch.set_grad_enabled(grad), sdpa_kernel(SDPBackend.MATH), counter:
-            case.run()
+            record_loss(case, case.run())
         case.flops = counter.get_total_flops()
+    for case in cases:
+        if case.reference is not None:
+            prime(case, grad)
+            case.flops = case.reference.flops
+
+
+def prime(case: Case, grad: bool) -> None:
+    """A lever case's first call, untimed in the results (with torch.compile it compiles): the step every other case
+    spends counting FLOPs, with the same attention kernel (SDPA's composite path) so that the losses stay comparable
+    step by step; compiled cases use the default kernel (a kernel context while compiling would be compiled in and
+    trigger a recompile). A failure (inductor without a compiler, an unsupported memory format) is recorded as the
+    case's error line and the case is dropped from the timing."""
+    compiled = "compile" in case.lever.split("+")
+    t0 = time.perf_counter()
+    try:
+        with torch.set_grad_enabled(grad), contextlib.nullcontext() if compiled else sdpa_kernel(SDPBackend.MATH):
+            record_loss(case, case.run())
+    except Exception as err:  # report whatever the lever raised, keep timing the others
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        case.error = f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+        print(f"{case.name}: failed: {case.error}", file=sys.stderr)
+        return
+    case.first_s = time.perf_counter() - t0
+    print(f"  first call {case.name} {case.precision}: {case.first_s:.1f} s", file=sys.stderr)
+
+
+def record_loss(case: Case, out: object) -> None:
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        case.losses.append(out.item())
 
 
 def peak_gflops(device: torch.device, repeats: int = 3) -> float:
@@ -246,17 +355,19 @@ def peak_gflops(device: torch.device, repeats: int = 3) -> float:
 
 
 def run_interleaved(cases: list[Case], warmup: int, repeats: int, memory: PeakMemory, grad: bool) -> None:
+    cases = [case for case in cases if not case.error]
     for round_ in range(warmup + repeats):
         shift = round_ % len(cases)
         for case in cases[shift:] + cases[:shift]:
             before = memory.reset()
             t0 = time.perf_counter()
             with torch.set_grad_enabled(grad):
-                case.run()
+                out = case.run()
             if memory.device.type == "cuda":
                 torch.cuda.synchronize(memory.device)
             seconds = time.perf_counter() - t0
             peak = memory.peak()
+            record_loss(case, out)
             if round_ >= warmup:
                 case.seconds.append(seconds)
                 case.peak_mib.append(peak)
@@ -271,7 +382,7 @@ def table(cases: list[Case], with_params: bool, peak: float) -> str:
     head = "| case | precision | " + ("trainable params | " if with_params else "")
     head += "median s | min s | peak MiB | step MiB | GFLOP | GFLOP/s | of peak |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for c in cases:
+    for c in (c for c in cases if not c.error):
         params = f"{c.params:,} | " if with_params else ""
         rate = c.flops / c.median / 1e9
         lines.append(
@@ -283,7 +394,7 @@ def table(cases: list[Case], with_params: bool, peak: float) -> str:
 
 def ratios(train: list[Case], p7: list[Case]) -> list[str]:
     """The issue's ratios of medians: each lowered precision over fp32, ARENA over LoRA (P5), loop over bare (P7)."""
-    median = {(c.name, c.precision): c.median for c in train}
+    median = {(c.name, c.precision): c.median for c in train if not c.error}
     lines = ["| ratio | value | target |", "|---|---|---|"]
     for (name, precision), value in median.items():
         if precision != "fp32" and (name, "fp32") in median:
@@ -299,6 +410,40 @@ def ratios(train: list[Case], p7: list[Case]) -> list[str]:
     for loop, bare in zip(p7[::2], p7[1::2], strict=True):
         lines.append(f"| P7 loop step / bare fwd+bwd, {loop.precision} | {loop.median / bare.median:.3f} | <= 1.10 |")
     return lines
+
+
+def lever_table(train: list[Case]) -> list[str]:
+    """Each lever case against its plain case (the first --precisions entry) and, for bf16-weights, against bf16
+    autocast alone: ratio of medians, the first call (compile time), and the largest loss difference over the
+    steps both made (same weights, same batch, same step sequence)."""
+    plain = {(c.name, c.precision): c for c in train if not c.lever and not c.error}
+    lines = [
+        "| case | precision | median s | / baseline | / bf16 autocast | first call s | "
+        "max abs loss diff vs baseline | vs bf16 autocast | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in (c for c in train if c.lever):
+        ref = c.reference
+        if c.error:
+            lines.append(f"| {c.name} | {c.precision} | failed: {c.error} | | | | | | |")
+            continue
+        autocast_alone = plain.get((ref.name, "bf16")) if c.precision == "bf16" else None
+        cells = [
+            f"{c.median:.3f}",
+            f"{c.median / ref.median:.3f}",
+            f"{c.median / autocast_alone.median:.3f}" if autocast_alone else "",
+            f"{c.first_s:.1f}",
+            loss_diff(c, ref),
+            loss_diff(c, autocast_alone) if autocast_alone else "",
+            str(len(c.losses)),
+        ]
+        lines.append(f"| {c.name} | {c.precision} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def loss_diff(case: Case, other: Case) -> str:
+    pairs = list(zip(case.losses, other.losses, strict=False))
+    return f"{max(abs(a - b) for a, b in pairs):.2e}" if pairs else ""
 
 
 def other_gpu_processes() -> str:
@@ -340,8 +485,28 @@ def main(argv: list[str] | None = None) -> None:
         default="fused",
         help="window attention: ours (fused), MONAI's reference path, or both side by side (default: %(default)s)",
     )
+    parser.add_argument(
+        "--levers",
+        type=lambda text: [lever for lever in text.split(",") if lever],
+        default=[],
+        help=f"speed levers timed beside the plain cases, comma-separated, a+b combined: {', '.join(LEVERS)} "
+        "(default: none)",
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default: %(default)s)")
+    parser.add_argument(
+        "--model", default=None, help="built-in name or file to adapt (default: the CPU preset, random weights)"
+    )
+    parser.add_argument(
+        "--patch", type=int, default=PATCH, help="patch edge, a multiple of 32 >= 64 (default: %(default)s)"
+    )
+    parser.add_argument("--no-p7", action="store_true", help="skip P7 (the loop's span vs a bare forward + backward)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    unknown = {part for lever in args.levers for part in lever.split("+")} - set(LEVERS)
+    if unknown:
+        parser.error(f"unknown lever(s) {', '.join(sorted(unknown))}; choose from {', '.join(LEVERS)}")
+    if args.patch < 64 or args.patch % 32:  # 32 leaves the bottleneck 1 voxel, which instance norm refuses
+        parser.error("--patch must be a multiple of 32, at least 64")
     if args.quick:
         args.ranks, args.repeats, args.warmup = [4], 1, 0
     lowered_ranks = args.ranks if args.lowered_ranks is None or args.quick else args.lowered_ranks
@@ -355,24 +520,41 @@ def main(argv: list[str] | None = None) -> None:
     attentions = ATTENTION if args.attention == "both" else (args.attention,)
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 1, PATCH, PATCH, PATCH, generator=gen).to(device)
-    labels = (torch.rand(args.batch, 1, PATCH, PATCH, PATCH, generator=gen) > 0.8).float().to(device)
+    patch = (args.batch, 1, args.patch, args.patch, args.patch)
+    images = torch.randn(*patch, generator=gen).to(device)
+    labels = (torch.rand(*patch, generator=gen) > 0.8).float().to(device)
+    model_args = {"model_name": args.model, "compile_mode": args.compile_mode}
     train = [
-        training_case(method, rank, precision, (images, labels), device, attention)
+        training_case(method, rank, precision, (images, labels), device, attention, **model_args)
         for attention in attentions
         for precision in args.precisions
         for rank in (args.ranks if precision == "fp32" else lowered_ranks)
         for method in ("arena", "lora")
     ]
+    levered = []
+    for lever in args.levers:
+        precision = lever_precision(lever, args.precisions)
+        for rank in args.ranks:
+            for method in ("arena", "lora"):
+                case = training_case(
+                    method, rank, precision, (images, labels), device, attentions[0], lever=lever, **model_args
+                )
+                plain = [c for c in train if c.name == marked(f"{method} r={rank}", attentions[0])]
+                case.reference = next((c for c in plain if c.precision == args.precisions[0]), None)
+                if case.reference is None:
+                    parser.error(f"lever {lever}: no plain {method} r={rank} case at {args.precisions[0]}")
+                levered.append(case)
+    train += levered
     if args.fft and not gpu:
         train += [
-            training_case("fft", 1, precision, (images, labels), device, attention)
+            training_case("fft", 1, precision, (images, labels), device, attention, **model_args)
             for attention in attentions
             for precision in args.precisions
         ]
     p7: list[Case] = []
-    if not gpu:
-        sampler = PatchSampler(synthetic_volumes(), PreprocessSettings(), args.batch, seed=0)
+    if not gpu and not args.no_p7:
+        preprocess = PreprocessSettings(patch_size=(args.patch,) * 3)
+        sampler = PatchSampler(synthetic_volumes(), preprocess, args.batch, seed=0)
         p7 = p7_cases(args.precisions[0], sampler, device, attentions[0])
     for case in train:
         print(f"{case.name} {case.precision}: {case.params:,} trainable parameters", file=sys.stderr)
@@ -398,7 +580,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- device: {device_name(device)}",
         *([f"- other processes on the GPU: {other_gpu_processes()}"] if gpu else []),
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
-        f"- torch {torch.__version__}; model: Swin-UNETR cpu_preset (feature size 12), binary head",
+        f"- torch {torch.__version__}; model: "
+        + (f"{args.model}, {HEAD_ORGAN}" if args.model else "Swin-UNETR cpu_preset (feature size 12, random weights),")
+        + " binary head",
         f"- {args.repeats} timed rounds after {args.warmup} warm-up, all cases interleaved; medians",
         f"- window attention: {', '.join(attentions)} (fused: arenaseg.models.attention; monai: MONAI's own path)",
         f"- peak: {peak:.1f} GFLOP/s, the best fp32 {PEAK_MATMUL}^2 matmul at {torch.get_num_threads()} thread(s); "
@@ -407,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         + ("CUDA allocator peak" if gpu else "peak RSS (VmHWM reset per step)")
         + "; 'step MiB' = peak minus usage before the step (see the script's docstring)",
         "",
-        f"## Training step (batch {args.batch} x {PATCH}^3: training_step + scheduler step)",
+        f"## Training step (batch {args.batch} x {args.patch}^3: training_step + scheduler step)",
         "",
         table(train, with_params=True, peak=peak),
         "",
@@ -422,9 +606,20 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     report += ["## Ratios of medians", "", *ratios(train, p7), ""]
+    if levered:
+        report += [
+            f"## Levers ({', '.join(args.levers)}; compile mode {args.compile_mode})",
+            "",
+            "Lever cases against their plain case (same method and rank, first --precisions entry). 'first call': "
+            "the untimed first step (compile cases: compiling the forward and the backward). Loss differences: the "
+            "largest over the steps both cases made from the same weights on the same batch.",
+            "",
+            *lever_table(train),
+            "",
+        ]
     if infer:
         report += [
-            f"## Inference (one {PATCH}^3 patch, no grad, fp32)",
+            f"## Inference (one {args.patch}^3 patch, no grad, fp32)",
             "",
             table(infer, with_params=False, peak=peak),
             "",
