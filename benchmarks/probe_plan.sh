@@ -41,8 +41,9 @@ runs() {
           echo "--organ pancreas --method $m --lam $lam --decoder @decoder"; done; done ;;
       lambda-rest)  # last: criterion 3 needs it only if no λ qualifies, as the λ 0.1 and 0 runs showed
         echo "--organ pancreas --method arena-r64 --lam $V1_LAM --decoder @decoder" ;;
-      lambda-path)  # criterion 6: the λ path past where Dice falls, the bracket first (λ 0, 0.1, 0.3 are criterion 3's)
-        for lam in 0.9 0.5 0.7; do for m in "right_kidney --method arena-r64" "right_kidney --method arena-r16" \
+      lambda-path)  # criterion 6: the λ path past where Dice falls (λ 0, 0.1, 0.3 are criterion 3's); λ 0.5 first:
+        # λ 0.9 switched off all but a few components by step 5, so its runs bracket the path without deciding it
+        for lam in 0.5 0.9 0.7; do for m in "right_kidney --method arena-r64" "right_kidney --method arena-r16" \
             "pancreas --method arena-r64 --decoder lowrank" "pancreas --method arena-r16 --decoder lowrank"; do
           echo "--organ $m --lam $lam"; done; done ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
