@@ -22,7 +22,11 @@ from arenaseg.deploy.organs import LABELS_FILE, OrganStack
 from arenaseg.models.registry import load_model
 from arenaseg.pipeline import load_run
 
-AGREEMENT = 0.999  # merged float32 weights round differently from W0 + adapter: a few voxels at the 0.5 level
+# On the CPU the two agree exactly: bundle and predict preprocess bit for bit alike, their logits differ by rounding
+# only (merged weights, MONAI's attention: <= 1.5e-6, no voxel near enough to 0 to flip). The margin is for other
+# kernels (a GPU's TF32 convolutions: a few voxels). Whole slices flipped by the nearest-neighbour inversion's exact
+# ties (see bundle.inference_config) cost 0.15-0.65 % of the flipped scan per axis and fail it.
+AGREEMENT = 0.999
 
 
 def adapt(data, out, cache, organ, method, *extra, model="phantom-demo"):
@@ -96,6 +100,8 @@ def test_bundle_reproduces_predict_without_arenaseg(runs, scans, tmp_path):
     parser.update({"bundle_root": str(bundle), "dataset_dir": str(scans)})
     assert len(parser.get_parsed_content("datalist")) == 2
     parser.get_parsed_content("preprocessing")
+    first = parser.get_parsed_content("postprocessing").transforms[0]  # the inversion runs on the CPU, as predict's
+    assert type(first).__name__ == "ToDeviced" and str(first.converter.device) == "cpu"
     net = parser.get_parsed_content("network_def")
     assert type(net).__module__.startswith("monai.")
     net.load_state_dict(state, strict=True)
@@ -123,7 +129,10 @@ def test_bundle_reproduces_predict_without_arenaseg(runs, scans, tmp_path):
         a, b = np.asarray(mask.dataobj), np.asarray(theirs[name].dataobj)
         assert a.shape == b.shape and np.allclose(mask.affine, theirs[name].affine, atol=1e-4), name
         assert a.sum() > 0, name  # a real mask, not two empty ones
-        assert (a == b).mean() >= AGREEMENT, (name, (a == b).mean())
+        differ = a != b
+        planes = [int(np.count_nonzero(differ.any(axis=tuple(i for i in range(3) if i != ax)))) for ax in range(3)]
+        assert 1 - differ.mean() >= AGREEMENT, (name, f"{1 - differ.mean():.5f} agree", f"{differ.sum()} voxels differ",
+                                                f"on {planes} slices of axes 0, 1, 2")  # fmt: skip
 
 
 def test_merged_export_round_trips_through_load_model(runs, phantoms, tmp_path, capsys):

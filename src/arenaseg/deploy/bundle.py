@@ -99,9 +99,18 @@ def network_def(config: ModelConfig) -> dict:
 
 
 def inference_config(merged: MergedRun, keep_largest: bool) -> dict:
-    """The Model Zoo inference workflow: Dataset -> SupervisedEvaluator (sliding window) -> logit > 0 -> Invertd to
-    the input's grid (nearest) -> largest component -> SaveImaged. Outputs are named as predict names them."""
+    """The Model Zoo inference workflow: Dataset -> SupervisedEvaluator (sliding window) -> logits to the CPU -> logit
+    > 0 -> Invertd to the input's grid (nearest) -> largest component -> SaveImaged. Outputs are named as predict
+    names them.
+
+    The logits go to the CPU before anything else, as `predict_volume` takes them there: Invertd resamples on its
+    input's device, and where the input's voxel centres fall exactly halfway between two resampled voxels (2.5 mm
+    scans at 3 mm: every sixth slice of each axis) the nearest neighbour is decided by the last bits of the float64
+    grid coordinates. Another device's affine_grid/grid_sample (CUDA fuses multiply-adds) may round them otherwise,
+    and a last-bit change flips whole slices of the mask against predict's: on the test's flipped 2.5 mm phantom,
+    moving the grid by 1e-14 mm changes 0.15 % of its voxels, by 1e-13 mm 0.5 %."""
     post = [
+        {"_target_": "ToDeviced", "keys": "pred", "device": "cpu"},
         {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.0},
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
          "nearest_interp": True, "to_tensor": True},
@@ -276,7 +285,7 @@ def readme(merged: MergedRun, keep_largest: bool) -> str:
         f"- intensities: {pre.intensity}" + (f", window {list(pre.window)} HU -> [0, 1]" if window else ""),
         "- crop to the body, pad to the patch",
         f"- sliding window {list(pre.patch_size)}, overlap {OVERLAP}, {BLEND} blending, batches of {SW_BATCH_SIZE}",
-        "- logit > 0, back to the input's grid (nearest)"
+        "- logit > 0, back to the input's grid (nearest, on the CPU)"
         + (", largest connected component kept" if keep_largest else ""),
         "- arenaseg also refuses images with NaN or infinite voxels; the bundle does not check",
         "",
