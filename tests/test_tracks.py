@@ -152,7 +152,7 @@ def test_a_cell_counts_only_when_every_option_protocol_and_track_match(phantoms,
     row = result_row("arena-r4", record)
     assert (row["track"], row["protocol"], row["decoder"]) == ("novel", "btcv-fs-v2", this.options.decoder)
     assert signature_mismatch(this, record) is None
-    for change in ({"rho": 0.5}, {"v_gradient": "plain"}, {"alpha": 2.0}, {"freeze_pruned": True}, {"lam": 0.5}):
+    for change in ({"rho": 0.5}, {"v_gradient": "plain"}, {"alpha": 2.0}, {"freeze_pruned": True}, {"lam": 0.25}):
         other = dataclasses.replace(this, options=dataclasses.replace(this.options, **change))
         (key,) = change
         assert signature_mismatch(other, record) == (
