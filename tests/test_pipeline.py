@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from arenaseg import pipeline
+from arenaseg.adapters.config import ArenaConfig
 from arenaseg.cli import main
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.evaluate.inference import KEEP_LARGEST_COMPONENT
@@ -34,6 +35,7 @@ def test_adapt_on_btcv30_writes_the_whole_contract(shared_data, tiny_foundation,
                 "seconds_per_step", "peak_mem_mb", "device", "git_commit", "ranks", "active_rank_total"):  # fmt: skip
         assert key in run, key
     assert run["method"] == "arena" and run["organ"] == "pancreas" and run["shots"] == 2
+    assert run["settings"]["options"]["lam"] == ArenaConfig().lam  # no --lam given: the library's default, recorded
     assert set(run["support_cases"]) <= {f"btcv_{i:04d}" for i in range(26, 36)}
     assert all(v["initial"] == 4 and 0 <= v["active"] <= 4 for v in run["ranks"].values())
     assert run["active_rank_total"] == sum(v["active"] for v in run["ranks"].values())

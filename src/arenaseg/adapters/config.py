@@ -144,11 +144,11 @@ class ArenaConfig(_Scaled, Config):
     below ~0.06 in 100 steps and ARENA's logits equalled a linear probe's to two decimals
     (benchmarks/results/cell_logits.md); with rho = 1e-2 it departs from the probe (benchmarks/results/
     step_budget_arena.md, pretrain-split cases only). lam is scale-free: a component stays on only
-    while its normalised pull |d| exceeds lam. The default is protocol v2's probe choice (criterion 3 of
-    docs/benchmark.md, evidence in benchmarks/results/probe/README.md): no lam kept r = 64 within a point of r = 16
-    on the novel organ while r = 16 still fitted, so the best mean held-in Dice decided. It lies below the noise
-    floor of |d| for a gradient of random sign, sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so it
-    prunes few components: a weak ℓ1 pull fitted better than one that switches noise-driven components off.
+    while its normalised pull |d| exceeds lam. A gradient of random sign gives |d| about
+    sqrt((1 - beta1) / (1 + beta1)) = 0.23 with beta1 = 0.9, so a lam well above that switches noise-driven
+    components off, and one near 1 switches off everything but the steadiest pulls. The default is the probe's
+    choice by criterion 6 of docs/benchmark.md (the sparsest lam within noise of the best held-in Dice; evidence in
+    benchmarks/results/probe/README.md).
     With ``v_gradient="plain"`` (the exact step for L + lam*||v||_1), lam is in units of the loss gradient instead.
     ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
     step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
@@ -158,7 +158,7 @@ class ArenaConfig(_Scaled, Config):
     rank: int = integer(16, 1)
     alpha: float | None = number(None, 0.0, above=True, optional=True)
     target_modules: str | list[str] = targets(DEFAULT_TARGETS)
-    lam: float = number(0.1, 0.0)
+    lam: float = number(0.5, 0.0)
     rho: float = number(1e-2, 0.0, above=True)
     freeze_pruned: bool = flag(False)
     v_gradient: str = choice("adam", V_GRADIENTS)
