@@ -143,7 +143,8 @@ def check_finite(loss: float, model: torch.nn.Module, steps_done: int, settings:
     """The numeric guard of training: a loss or trainable weight that is NaN or infinite ends the run with a
     UserError (exit 2) before anything is saved. A Dice loss stays below 1 while the weights blow up (--lr 1e9
     reaches 1e10 in one step and NaN in the next), so the weights are checked too."""
-    weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    trained = [torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]
+    weights_finite = bool(torch.stack(trained).all()) if trained else True  # one device sync, not one per tensor
     if math.isfinite(loss) and weights_finite:
         return
     what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights hold NaN or infinite values"
