@@ -10,7 +10,9 @@
 #
 # Environment: DATA (btcv30 folder), SECONDS_BUDGET (default 480), STEPS (default: the global default),
 # BENCH_ARGS (more `arenaseg bench` options for every process, e.g. the probe's choices: gpu_v2.sh),
-# DEVICE (default cuda), METHODS, ORGANS_A, ORGANS_B, SHOTS_A, SHOTS_B, SEEDS, THREADS_A, THREADS_B, WORK,
+# DEVICE (default cuda), METHODS (comma-separated; default: every method of each track), ORGANS_A (default: the
+# base track's organs), ORGANS_B (default: the novel track's first two; empty for none), SHOTS_A, SHOTS_B, SEEDS,
+# THREADS_A, THREADS_B, WORK,
 # RESULTS_FROM (default none; preset adopts the committed benchmarks/results/btcv-fs-v2-gpu cells), and
 # ARENASEG_COMMIT (the commit of the copied code; the copy's .git may be stale).
 set -uo pipefail
@@ -18,9 +20,13 @@ set -uo pipefail
 DATA=${DATA:?set DATA to the btcv30 folder}
 BUDGET=${SECONDS_BUDGET:-480}
 DEVICE=${DEVICE:-cuda}
-METHODS=${METHODS:-zero-shot,lp,fft,lora-r4,lora-r64,arena-r4,arena-r64,lora-r16,arena-r16,adalora-r16,scratch}
-ORGANS_A=${ORGANS_A:-right_kidney aorta stomach}
-ORGANS_B=${ORGANS_B:-pancreas gallbladder}
+PY=${PY:-python3}
+preset_organs() {  # track [n]: the first n (default all) organs of that btcv-fs preset track (arenaseg.bench.grid)
+    "$PY" -c 'import sys; from arenaseg.bench.grid import PRESETS
+print(*PRESETS["btcv-fs"].track(sys.argv[1]).organs[: int(sys.argv[2]) if sys.argv[2:] else None])' "$@"
+}
+[ -n "${ORGANS_A:-}" ] || ORGANS_A=$(preset_organs base) || exit
+[ -n "${ORGANS_B+set}" ] || ORGANS_B=$(preset_organs novel 2) || exit
 SEEDS=${SEEDS:-0 1 2}
 SHOTS_A=${SHOTS_A:-5}
 SHOTS_B=${SHOTS_B:-5,1,10}
@@ -28,6 +34,7 @@ RESULTS_FROM=${RESULTS_FROM:-none}
 WORK=${WORK:-/tmp/arenaseg_gpu}
 DEST=${OUT:-$PWD}
 STEPS_ARG=${STEPS:+--steps $STEPS}
+METHODS_ARG=${METHODS:+--methods $METHODS}
 export ARENASEG_CACHE=$WORK/cache TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK/logs"
 END=$((SECONDS + BUDGET))
@@ -35,9 +42,9 @@ END=$((SECONDS + BUDGET))
 bench() {  # organ seed shots threads
     local name=$1_s$2
     timeout --signal=INT $((END - SECONDS > 0 ? END - SECONDS : 1)) \
-        "${PY:-python3}" -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
-        --organs "$1" --seeds "$2" --shots "$3" --methods "$METHODS" --workers 1 --results-from "$RESULTS_FROM" \
-        --device "$DEVICE" --threads "$4" $STEPS_ARG ${BENCH_ARGS:-} >>"$WORK/logs/$name.log" 2>&1
+        "$PY" -m arenaseg.cli bench --preset btcv-fs --data "$DATA" --out "$WORK/bench/$name" \
+        --organs "$1" --seeds "$2" --shots "$3" --workers 1 --results-from "$RESULTS_FROM" \
+        --device "$DEVICE" --threads "$4" $METHODS_ARG $STEPS_ARG ${BENCH_ARGS:-} >>"$WORK/logs/$name.log" 2>&1
 }
 
 phase() {  # label organs shots threads

@@ -13,7 +13,7 @@ where the direction d is chosen by ``v_gradient``:
   with rho folded into lam's scale).
 - ``"adam"`` (default): d = m_hat / (sqrt(u_hat) + eps), Adam's bias-corrected, RMS-normalised gradient
   (betas 0.9, 0.999). Why: at a new segmentation head the Dice-loss gradient reaching v is 1e-9..1e-6 (measured on
-  the BTCV-FS model: benchmarks/v_gradient_scale.py), so a plain step leaves v at ~0 while AdamW moves A, B
+  the BTCV-FS model: benchmarks/results/v_gradient_scale.md), so a plain step leaves v at ~0 while AdamW moves A, B
   and LoRA's factors by ~lr per step whatever the gradient's scale. Normalised, v moves at the same pace as
   the factors, and lam becomes scale-free:
   a component stays on only while its mean gradient exceeds lam times its RMS (a persistent pull, not noise).
