@@ -1,5 +1,7 @@
-# Both user-facing targets create .venv on a fresh machine: CPU torch first (a pinned build that lies on disk), then us.
+# Both user-facing targets create .venv on a fresh machine: CPU torch first (pyproject's dev pin: a build that lies on
+# disk, where an unpinned torch would pull a CUDA build), then us.
 VENV := .venv
+TORCH := $(shell grep -o 'torch==[0-9][0-9.]*' pyproject.toml)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q '$(TORCH)'
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -2,16 +2,18 @@
 # Protocol v2's grid (docs/benchmark.md) on the CPU, JOBS one-thread cells at a time: two 1-thread
 # processes do more steps per second than one 2-thread process (benchmarks/results/threads.md).
 # Every cell is its own `arenaseg bench --workers 1` call with its own folder under WORK, so a killed cell resumes
-# from its checkpoint, and each finished cell is copied into benchmarks/results/btcv-fs-v2-cpu at once (commit it;
-# then `arenaseg report benchmarks/results/btcv-fs-v2-cpu`). Cells already committed there are adopted, not rerun,
-# when everything that shapes their result matches. The script can be killed and started again at any point.
+# from its checkpoint, and each finished cell is copied into DEST at once (commit it; then `arenaseg report DEST`).
+# Cells committed in the preset's folder (COMMITTED) are adopted, not rerun, when everything that shapes their result
+# matches. The script can be killed and started again at any point.
 # Order: the decisive cells first, seed-major, so that a first seed of every decisive comparison lands before a
 # second seed of any; within a seed the base organs, then the novel organ; within an organ the two ends of the rank
-# range first. Then the next tier, also seed-major: r16 and AdaLoRA on both tracks, LP and scratch on the novel one.
+# range first. Then the next tier, also seed-major: AdaLoRA (the paper's comparator), then r16, on both tracks, LP
+# and scratch on the novel one.
 # Each running cell holds a lock file, so JOBS counts the cells running in every instance of the script, and an
 # instance started while another runs (say, with a longer cell list) skips the cells already running.
 # Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
-# DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEADLINE (epoch
+# DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEST: the results folder
+# the finished cells go to (default COMMITTED); DEADLINE (epoch
 # seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
 # when the slowest committed cell of its track and method took longer than the time left (a half-run cell is lost
 # where WORK does not outlive the session).
@@ -20,7 +22,8 @@ cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
 DATA=${DATA:-../shared/data/btcv30}
 WORK=${WORK:-runs/cpu-grid}
-DEST=benchmarks/results/btcv-fs-v2-cpu
+COMMITTED=benchmarks/results/btcv-fs-v2-cpu  # the preset's committed CPU cells (arenaseg bench --results-from)
+DEST=${DEST:-$COMMITTED}
 ARENASEG=${ARENASEG:-.venv/bin/arenaseg}
 PYTHON=${PYTHON:-.venv/bin/python}
 BENCH_ARGS=${BENCH_ARGS:?set BENCH_ARGS to the probe choices: python benchmarks/probe_report.py --bench-arguments}
@@ -35,16 +38,17 @@ cells() {  # track organ method, one per line
   done
   for seed in 0 1 2; do
     for organ in right_kidney aorta stomach; do
-      for method in arena-r16 lora-r16 adalora-r16; do echo "base $organ $method $seed"; done
+      for method in adalora-r16 arena-r16 lora-r16; do echo "base $organ $method $seed"; done
     done
-    for method in arena-r16 lora-r16 adalora-r16 lp scratch; do echo "novel pancreas $method $seed"; done
+    for method in adalora-r16 arena-r16 lora-r16 lp scratch; do echo "novel pancreas $method $seed"; done
   done
 }
 
 slowest() {  # track method: the longest wall time in seconds of its committed cells, 0 if none
-  "$PYTHON" -c 'import csv, sys
-walls = [float(r["wall_s"] or 0) for r in csv.DictReader(open(sys.argv[1])) if r["track"] == sys.argv[2] and r["method"] == sys.argv[3]]
-print(round(max(walls, default=0)))' "$DEST/results.csv" "$1" "$2"
+  "$PYTHON" -c 'import sys
+from arenaseg.bench.results import read_results
+walls = [r.wall_s or 0 for r in read_results(sys.argv[1]) if r.track == sys.argv[2] and r.name == sys.argv[3]]
+print(round(max(walls, default=0)))' "$COMMITTED/results.csv" "$1" "$2"
 }
 
 running() {  # how many cells hold their lock, in any instance

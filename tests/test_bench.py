@@ -23,12 +23,13 @@ from arenaseg.bench.grid import (
     ERROR_FILE,
     RESULTS_FILE,
     committed_results,
+    copy_cell_results,
     export_results,
-    parse_method,
     plan_cells,
     preset_model,
     rebuild_results,
 )
+from arenaseg.bench.results import method_name, parse_method
 from arenaseg.bench.runner import cell_job, run_bench, signature_mismatch
 from arenaseg.data.phantom import make_phantom_dataset
 from arenaseg.data.splits import BTCV_FS
@@ -38,6 +39,7 @@ from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import TrainSettings
 from arenaseg.utils.atomic import folder_lock
 from arenaseg.utils.device import device_kind
+from arenaseg.utils.errors import UserError
 
 TEST_CASE = "phantom_0004"
 # What must agree between two runs of the same cell (timings, memory and device legitimately differ).
@@ -75,6 +77,8 @@ def test_parse_method_names():
             parse_method(bad)
     with pytest.raises(ValueError, match="unknown method 'mlp'"):
         parse_method("mlp")
+    for name in ("lora-r16", "lp", "affine-ln", "zero-shot"):
+        assert method_name(*parse_method(name)) == name
 
 
 def test_btcv_default_grid_is_track_then_organ_major_with_one_seed_for_whole_pools(shared_data):
@@ -249,9 +253,9 @@ def test_killed_and_resumed_grid_yields_exactly_one_row_per_cell(grid, in_proces
     assert (restart.finished_before, restart.ran, restart.failed) == (1, 1, [])
     rows = read_rows(out)
     assert len(rows) == 2
-    assert sorted((r["method"], r["organ"], r["shots"], r["seed"]) for r in rows) == [
-        ("arena-r4", "pancreas", "1", "0"),
-        ("lp", "pancreas", "1", "0"),
+    assert sorted((r["method"], r["rank"], r["organ"], r["shots"], r["seed"]) for r in rows) == [
+        ("arena", "4", "pancreas", "1", "0"),
+        ("lp", "", "pancreas", "1", "0"),
     ]
     assert all(r["steps_done"] == "2" and r["mean_dice"] != "" for r in rows)  # the resumed cell lost no steps
     # the cell killed after its last step still reports its training speed (from the checkpoint's step times)
@@ -260,7 +264,7 @@ def test_killed_and_resumed_grid_yields_exactly_one_row_per_cell(grid, in_proces
     assert lp["support_cases"] == arena["support_cases"] and TEST_CASE not in lp["support_cases"]  # one draw
     record = RunRecord.read(out / cells[1].rel_dir / pipeline.RUN_FILE)
     assert arena["active_rank_total"] == str(sum(e["active"] for e in record.ranks.values()))
-    assert (arena["rank"], arena["base_method"], lp["rank"], lp["active_rank_total"]) == ("4", "arena", "", "")
+    assert lp["active_rank_total"] == ""
     second = out / cells[1].rel_dir
     assert not (second / ERROR_FILE).exists() and not (second / pipeline.CHECKPOINT_FILE).exists()
 
@@ -273,12 +277,22 @@ def test_results_csv_is_rebuilt_from_the_cell_folders(in_process):
     assert (out / RESULTS_FILE).read_text() == before
 
 
+def test_a_cell_folder_names_the_method_and_rank_its_record_ran(grid, in_process, tmp_path):
+    _, cells, _ = grid
+    out, _ = in_process
+    arena = next(c for c in cells if c.method == "arena")
+    copy_cell_results(out / arena.rel_dir, tmp_path / replace(arena, rank=16).rel_dir)
+    with pytest.raises(ValueError, match="records cells/novel/arena-r4/.* but lies in .*arena-r16.*: a misplaced cell"):
+        rebuild_results(tmp_path)
+
+
 def test_rerun_with_other_settings_is_refused_before_running(grid, in_process):
     _, cells, overrides = grid
     out, _ = in_process
     before = (out / RESULTS_FILE).read_text()
-    other = {**overrides, "train": TrainSettings(steps=3, patches_per_step=1)}
-    with pytest.raises(ValueError, match="finished with other settings .*train"):
+    other = {**overrides, "train": replace(overrides["train"], lr=0.002)}
+    refused = rf"finished with other settings \(train.lr is {overrides['train'].lr} there, 0.002 in this bench\)"
+    with pytest.raises(UserError, match=refused):
         run_bench(cells, out, job_overrides=other)
     assert (out / RESULTS_FILE).read_text() == before
 
@@ -306,6 +320,12 @@ def test_committed_results_count_as_finished(grid, in_process, tmp_path):
     assert "train" in signature_mismatch(other_steps, record)
     retrained = replace(record, model_sha256="0" * 64)  # same model name, other weights (e.g. a re-pretrained built-in)
     assert "model_sha256" in signature_mismatch(cell_job(cells[0], later, overrides), retrained)
+    # ARENA's λ shapes the ARENA cell's result only: the lp cell counts under another λ, the ARENA cell does not
+    other_lam = {**overrides, "options": {"lam": 0.75}}
+    for cell in cells:
+        record = RunRecord.read(committed / cell.rel_dir / pipeline.RUN_FILE)
+        mismatch = signature_mismatch(cell_job(cell, later, other_lam), record)
+        assert mismatch is None if cell.method == "lp" else mismatch.startswith("options.lam is ")
 
 
 def test_an_export_waits_for_another_into_the_same_folder(in_process, tmp_path):

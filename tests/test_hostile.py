@@ -211,7 +211,8 @@ def test_label_values_missing_from_dataset_json_are_found_in_the_voxels(data, mo
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_organ_is_refused_naming_it(cohort, model, tmp_path, capsys, monkeypatch):
+def test_a_resume_under_other_settings_names_the_first_difference(cohort, model, tmp_path, capsys, monkeypatch):
+    """The checkpoint holds the run's identity: a resume under another lr or organ is refused, the checkpoint kept."""
     out = tmp_path / "run"
     real = pipeline.train_adapter
 
@@ -224,8 +225,11 @@ def test_resume_with_another_organ_is_refused_naming_it(cohort, model, tmp_path,
     assert (out / pipeline.CHECKPOINT_FILE).is_file()
     monkeypatch.setattr(pipeline, "train_adapter", real)
     capsys.readouterr()
+    assert adapt(cohort, out, model, "--resume", "--lr", "0.002") == 2
+    assert "started with other settings (train.lr is 0.001 there, 0.002 now)" in error(capsys)
     assert adapt(cohort, out, model, "--resume", organ="spleen") == 2
-    assert "organ: 'liver', now 'spleen'" in error(capsys)
+    assert "(organ is 'liver' there, 'spleen' now)" in error(capsys)
+    assert (out / pipeline.CHECKPOINT_FILE).is_file()
     assert adapt(cohort, out, model, "--resume") == 0
 
 
@@ -236,7 +240,7 @@ def test_non_finite_numbers_are_refused(cohort, model, tmp_path, option, capsys)
     with pytest.raises(SystemExit) as exit_:
         adapt(cohort, tmp_path / "run", model, *option)
     assert exit_.value.code == 2
-    assert "must be a finite number" in capsys.readouterr().err
+    assert f"argument {option[0]}: must be" in (err := capsys.readouterr().err) and "finite" in err
     assert not (tmp_path / "run").exists()
 
 

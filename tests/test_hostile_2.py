@@ -295,7 +295,7 @@ def test_resume_after_a_support_label_changed_is_refused(cohort, model, tmp_path
     save_like(label, np.asarray(img.dataobj)[::-1].copy(), img.affine)
     capsys.readouterr()
     assert adapt(data, tmp_path / "run", model, "--shots", "4", "--resume") == 2
-    assert f"support_files: {label} changed" in error(capsys)
+    assert f"(support_files.{label} is " in error(capsys)
 
 
 # Results accepted silently: evaluate
@@ -344,8 +344,10 @@ def test_a_truncated_cache_entry_is_named_and_rebuilt(cohort, model, tmp_path, c
 
 
 def test_a_patch_too_large_is_refused(cohort, model, tmp_path, capsys):
-    assert adapt(cohort, tmp_path / "run", model, "--patch", "4096") == 2
-    assert "--patch must be a multiple of 32 from 64 to 512" in error(capsys)
+    with pytest.raises(SystemExit) as exit_:
+        adapt(cohort, tmp_path / "run", model, "--patch", "4096")
+    assert exit_.value.code == 2 and "--patch: must be a multiple of 32 from 64 to 512" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_running_out_of_memory_in_preprocessing_is_a_memory_error(data):

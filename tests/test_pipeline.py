@@ -92,11 +92,19 @@ def test_support_loss_is_measured_again_from_the_saved_adapter(phantoms, tiny_fo
     """run.json's support_loss is the shipped model's mean loss on the batches of the last training steps: measured
     again from the saved adapter and the recorded support cases (how runs recorded before the field get it), it is
     the same number, up to float arithmetic only. A Dice loss lies in [0, 1]."""
+    from arenaseg.data.preprocess import PreprocessSettings, load_cases
+    from arenaseg.train.loop import TrainSettings, support_loss
+
     out = tmp_path / "run"
     assert main(adapt_args(phantoms, tiny_foundation, out, "--test-cases", "none", "--rank", "4", steps="3")) == 0
     recorded = json.loads((out / "run.json").read_text())["support_loss"]
     assert 0.0 <= recorded <= 1.0
-    assert pipeline.remeasure_support_loss(out) == pytest.approx(recorded, rel=1e-6, abs=1e-6)
+    adapted, record = pipeline.load_run(out)
+    preprocess, settings = PreprocessSettings.from_dict(record.preprocess), TrainSettings(**record.train)
+    volumes = load_cases(pipeline.open_dataset(record.data), record.support_cases, {record.organ: 1}, preprocess)
+    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed)
+    again = support_loss(adapted.model, sampler, record.steps_done, settings)
+    assert again == pytest.approx(recorded, rel=1e-6, abs=1e-6)
 
 
 def test_support_loss_averages_the_batches_of_the_last_steps(phantoms):

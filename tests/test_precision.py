@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from arenaseg.adapters import AdaptOptions, adapt_model
-from arenaseg.bench.grid import RESULT_COLUMNS, result_row
+from arenaseg.bench.grid import result_row
+from arenaseg.bench.results import COLUMNS
 from arenaseg.data.preprocess import PreprocessSettings
 from arenaseg.evaluate.inference import predict_volume
 from arenaseg.run_record import RunRecord
@@ -85,7 +86,8 @@ def test_the_forward_runs_in_the_precision_and_weights_and_states_stay_float32(t
     moments = [t for m, u in state["optimizer"]["moments"] for t in (m, u)]
     inner = [t for s in state["optimizer"]["inner"]["state"].values() for t in s.values() if t.numel() > 1]
     assert moments and inner and all(t.dtype == torch.float32 for t in moments + inner)
-    assert state["settings"]["precision"] == name and state["grad_scaler"] == {}  # no loss scaling outside fp16
+    assert state["identity"]["train"]["precision"] == name
+    assert state["grad_scaler"] == {}  # no loss scaling outside fp16
 
 
 def test_fp16_trains_with_a_loss_scaler_that_the_checkpoint_keeps_for_an_exact_resume(tmp_path) -> None:
@@ -114,10 +116,12 @@ def test_a_resume_under_another_precision_is_refused_and_an_older_checkpoint_cou
     with pytest.raises(Killed):
         train_adapter(adapted_toy(), Patches(die_at=2), settings("fp32"), checkpoint)
     for other in ("bf16", "fp16"):
-        with pytest.raises(UserError, match="other training settings"):
+        with pytest.raises(UserError, match=f"train.precision is 'fp32' there, '{other}' now"):
             train_adapter(adapted_toy(), Patches(), settings(other), checkpoint)
     state = torch.load(checkpoint, weights_only=True)
-    del state["settings"]["precision"], state["grad_scaler"]  # as written before --precision existed
+    identity = state.pop("identity")  # as a checkpoint written before the identity and --precision existed
+    state["settings"], state["options"] = identity["train"], identity["options"]
+    del state["settings"]["precision"], state["grad_scaler"]
     torch.save(state, checkpoint)
     assert train_adapter(adapted_toy(), Patches(), settings("fp32"), checkpoint).steps_done == 3
 
@@ -144,7 +148,7 @@ def test_prediction_runs_the_forward_in_the_precision(phantoms) -> None:
 def test_results_csv_records_the_precision() -> None:
     train = {"steps": 100, "precision": "bf16"}
     record = RunRecord("arena", "pancreas", 5, 0, "btcv-fs", {"train": train, "preprocess": {}})
-    assert "precision" in RESULT_COLUMNS
-    assert result_row("arena-r16", record)["precision"] == "bf16"
+    assert "precision" in COLUMNS
+    assert result_row(record).precision == "bf16"
     del train["precision"]  # a cell recorded before --precision existed ran in fp32
-    assert result_row("arena-r16", record)["precision"] == "fp32"
+    assert result_row(record).precision == "fp32"

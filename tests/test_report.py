@@ -8,6 +8,7 @@ fixture's own values.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import statistics
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from arenaseg.bench.grid import BASE_ORGANS, PROTOCOL, RESULTS_FILE, cell_dir, parse_method, rebuild_results
-from arenaseg.bench.report import MISSING, full_ranks, learned_ranks, read_results, write_report
+from arenaseg.bench.grid import BASE_ORGANS, PROTOCOL, RESULTS_FILE, cell_dir, rebuild_results
+from arenaseg.bench.report import MISSING, full_ranks, learned_ranks, write_report
+from arenaseg.bench.results import ResultRow, parse_method, read_results
 from arenaseg.cli import main
 from arenaseg.utils.errors import UserError
 
@@ -340,7 +342,7 @@ def test_plots_per_track_and_the_v1_link(bench):
 
 def test_learned_ranks_are_the_mean_over_seeds_of_the_track_cells(bench):
     out, records, _, _ = bench
-    rows = [r for r in read_results(out / RESULTS_FILE) if r["track"] == "novel"]
+    rows = [r for r in read_results(out / RESULTS_FILE) if r.track == "novel"]
     found = learned_ranks(out, rows, "arena-r16")
     for layer in LAYERS:
         for organ in NOVEL_ORGANS:
@@ -353,7 +355,7 @@ def test_learned_ranks_are_the_mean_over_seeds_of_the_track_cells(bench):
 def test_full_ranks_come_from_the_cells_rank_reports(bench):
     """The heatmap marks layers above their full rank: only where a cell recorded it, never guessed."""
     out, _, _, _ = bench
-    rows = [r for r in read_results(out / RESULTS_FILE) if r["track"] == "novel"]
+    rows = [r for r in read_results(out / RESULTS_FILE) if r.track == "novel"]
     assert full_ranks(out, rows, "arena-r16") == FULL_RANK
     assert full_ranks(out, rows, "lora-r16") == {}  # records no per-layer report here
 
@@ -401,3 +403,43 @@ def test_a_v1_results_csv_reads_as_its_own_group(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "Groups here: v1 fp32." in report
     assert table(section(report, "unrecorded track, v1 fp32: mean over organs per k"))["lp"]["Dice k=5"] == "15.0 ± 7.1"
+
+
+def test_results_csv_header_is_the_row_type(bench):
+    """results.csv's columns are ResultRow's fields, in order, with the rank beside the method."""
+    out, records, _, _ = bench
+    with open(out / RESULTS_FILE, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == [f.name for f in dataclasses.fields(ResultRow)]
+    assert header[:3] == ["track", "method", "rank"] and "base_method" not in header
+    rows = {(r.track, r.name, r.organ, r.shots, r.seed): r for r in read_results(out / RESULTS_FILE)}
+    arena = rows["novel", "arena-r16", "pancreas", 5, 1]
+    assert (arena.method, arena.rank, arena.whole_pool, arena.steps) == ("arena", 16, False, 400)
+    assert arena.mean_dice == records["novel", "arena-r16", "pancreas", 5, 1]["mean_dice"]
+    assert (rows["novel", "lp", "pancreas", 5, 1].method, rows["novel", "lp", "pancreas", 5, 1].rank) == ("lp", None)
+
+
+def test_an_old_results_csv_reads_as_the_new_one(bench, tmp_path):
+    """Rows written before the rank had its own meaning (method ``arena-r16``, with a base_method column, or no
+    rank column at all) read to the same typed rows as results.csv written now."""
+    out, _, _, _ = bench
+    with open(out / RESULTS_FILE, newline="") as f:
+        new = list(csv.DictReader(f))
+    rows = read_results(out / RESULTS_FILE)
+    for name, drop in (("with_base_method", ()), ("without_rank", ("rank",))):
+        old = [{**r, "method": parse_name(r), "base_method": r["method"]} for r in new]
+        if drop:
+            old = [{k: v for k, v in r.items() if k not in (*drop, "base_method")} for r in old]
+        path = tmp_path / name / RESULTS_FILE
+        path.parent.mkdir()
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(old[0]))
+            writer.writeheader()
+            writer.writerows(old)
+        assert read_results(path) == rows, name
+    assert {(r.method, r.rank) for r in rows if r.name == "arena-r16"} == {("arena", 16)}
+
+
+def parse_name(row: dict) -> str:
+    """The method column as results.csv spelt it before the rank column: ``arena-r16``."""
+    return row["method"] + (f"-r{row['rank']}" if row["rank"] else "")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from arenaseg.run_record import RunRecord
+from arenaseg.run_record import RunIdentity, RunRecord
+from arenaseg.utils.differences import first_difference
 from arenaseg.utils.errors import UserError
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -20,6 +21,8 @@ def test_every_committed_run_json_reads_and_round_trips():
         data = json.loads(path.read_text())
         record = RunRecord.read(path)
         assert {k: v for k, v in record.to_dict().items() if k in data} == data, path
+        identity = RunIdentity.of(record)
+        assert RunIdentity.of(identity.record(data=record.data)) == identity, path
 
 
 @pytest.mark.parametrize(
@@ -40,3 +43,12 @@ def test_a_file_that_is_not_a_record_is_refused_by_name(tmp_path, change, messag
     path.write_text("[1, 2]")
     with pytest.raises(UserError, match="holds a list"):
         RunRecord.read(path)
+
+
+def test_the_first_difference_is_named_by_its_dotted_key():
+    there = {"method": "lp", "train": {"steps": 300, "lr": 0.001}, "options": {"rank": 4}}
+    assert first_difference(there, json.loads(json.dumps(there))) is None
+    here = {"method": "lp", "train": {"steps": 250, "lr": 0.002}, "options": {"rank": 8}}
+    assert first_difference(there, here) == "train.steps is 300 there, 250 now"
+    assert first_difference(there, {**there, "organ": "liver"}, now="here") == "organ is None there, 'liver' here"
+    assert first_difference({**there, "data": "/d"}, there) == "data is '/d' there, None now"

@@ -149,8 +149,8 @@ def test_a_cell_counts_only_when_every_option_protocol_and_track_match(phantoms,
     overrides = {"model": str(tiny_foundation), "train": TrainSettings(steps=2, patches_per_step=1)}
     this = cell_job(cells[0], tmp_path, overrides)
     record = pipeline.run_adapt(this)
-    row = result_row("arena-r4", record)
-    assert (row["track"], row["protocol"], row["decoder"]) == ("novel", "btcv-fs-v2", this.options.decoder)
+    row = result_row(record)
+    assert (row.track, row.protocol, row.decoder) == ("novel", "btcv-fs-v2", this.options.decoder)
     assert signature_mismatch(this, record) is None
     for change in ({"rho": 0.5}, {"v_gradient": "plain"}, {"alpha": 2.0}, {"freeze_pruned": True}, {"lam": 0.25}):
         other = dataclasses.replace(this, options=dataclasses.replace(this.options, **change))

@@ -1,8 +1,8 @@
 """The adapt / predict / evaluate jobs behind the CLI: a run folder in, artifacts out, nothing half-written.
 
-Run folder contract (RUN_DIR): ``checkpoint.pt`` and ``run_settings.json`` (what the run was started with) while
-training (resume point), then ``adapter.safetensors`` + ``adapter_config.json``, ``metrics.json`` (when test cases
-were evaluated) and last ``run.json``, whose presence marks a finished run. One process at a time holds RUN_DIR
+Run folder contract (RUN_DIR): ``checkpoint.pt`` while training (the resume point; it holds the run's
+`RunIdentity`), then ``adapter.safetensors`` + ``adapter_config.json``, ``metrics.json`` (when test cases were
+evaluated) and last ``run.json``, whose presence marks a finished run. One process at a time holds RUN_DIR
 (`RunFolder`).
 """
 
@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from arenaseg.adapters import METHODS
 from arenaseg.adapters.config import NEW_HEAD_DECODER, AdaptOptions
 from arenaseg.data.datasets import Dataset, open_dataset
 from arenaseg.data.preprocess import PreprocessSettings, check_same_affine, file_digest, load_cases
@@ -40,12 +41,12 @@ from arenaseg.evaluate.inference import (
 )
 from arenaseg.evaluate.metrics import case_metrics, summarise
 from arenaseg.models.swin_unetr import replace_with_binary_head
-from arenaseg.run_record import METRICS, RunRecord
+from arenaseg.run_record import METRICS, RunIdentity, RunRecord
 from arenaseg.train.loop import (
     TrainResult,
     TrainSettings,
     check_finite,
-    recorded_settings,
+    read_checkpoint,
     support_loss,
     train_adapter,
 )
@@ -55,6 +56,7 @@ from arenaseg.utils.errors import UserError
 from arenaseg.utils.outputs import check_outputs as check_output_rule
 from arenaseg.utils.precision import DEFAULT_PRECISION
 from arenaseg.utils.provenance import device_name, git_commit
+from arenaseg.utils.settings import comma_list, described
 
 RUN_FILE, METRICS_FILE, CHECKPOINT_FILE = "run.json", "metrics.json", "checkpoint.pt"
 # How the binary head starts: "base" from the foundation model's class row for the organ (its zero-shot
@@ -63,31 +65,49 @@ TRACKS = ("auto", "base", "novel")
 # Rows of a benchmark that are not adaptation methods of the factory: the foundation model as it is (base
 # track), and the same network trained in full from random initialisation (what pretraining buys).
 REFERENCE_METHODS = ("zero-shot", "scratch")
-SETTINGS_FILE = "run_settings.json"
 
 
 @dataclass
 class AdaptJob:
-    """Everything `arenaseg adapt` needs; ``test_cases`` is "auto", "none" or a list of case ids."""
+    """Everything `arenaseg adapt` needs: each field's declaration is also its command-line option."""
 
-    data: str
-    organ: str
-    shots: int
-    seed: int
-    method: str
-    out: str
-    model: str = "btcv-fs"
+    data: str = described(help="nnU-Net v2 raw folder or TotalSegmentator folder")
+    organ: str = described(help="target organ name as in the dataset's label map")
+    shots: int = described(help="k: number of labelled support scans", parse=int)
+    out: str = described(help="run folder to write (run.json, adapter, metrics.json)")
+    seed: int = described(0, help="seed of the support draw, initialisation and patches", parse=int)
+    method: str = described(
+        "arena",
+        help="adaptation method; zero-shot (with --shots 0) evaluates the model's own class for the organ, scratch "
+        "trains the same network in full from random weights",
+        choices=(*METHODS, *REFERENCE_METHODS),
+    )
+    model: str = described("btcv-fs", help="built-in model name or checkpoint path")
     options: AdaptOptions = field(default_factory=AdaptOptions)  # total_steps is set from train.steps
-    track: str = "auto"  # see TRACKS
+    track: str = described(
+        "auto",
+        help="how the organ's head starts: base (the model's own class row: its zero-shot prediction), novel (a new "
+        "head), auto (base when the model knows the organ)",
+        choices=TRACKS,
+    )
     protocol: str | None = None  # the benchmark protocol of a bench cell: part of its identity
-    test_cases: str | list[str] = "auto"
+    test_cases: str | list[str] = described(
+        "auto",
+        help="auto (the dataset's benchmark test split, if any), none, or comma-separated ids",
+        parse=lambda text: text if text in ("auto", "none") else comma_list(text),
+    )
     support_cases: list[str] | None = None  # explicit support set (e.g. FSEFT lists) instead of a seeded draw
     train: TrainSettings = field(default_factory=TrainSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
-    cache_dir: str | None = None
-    device: str = "auto"  # where it runs; not part of a result's settings (see bench.runner.job_signature)
-    overwrite: bool = False
-    resume: bool = False
+    cache_dir: str | None = described(
+        None,
+        help="preprocessing cache folder",
+        default_text="$ARENASEG_CACHE or ~/.cache/arenaseg/preprocessed",
+    )
+    # where it runs: not part of a result's settings
+    device: str = described("auto", help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    overwrite: bool = described(False, help="replace a finished run in --out", default_text="refuse", negatable=False)
+    resume: bool = described(False, help="continue an unfinished run in --out", default_text="refuse", negatable=False)
 
 
 def benchmark_split(data: Dataset):
@@ -131,7 +151,7 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
         raise FileExistsError(f"{out} holds an unfinished run ({CHECKPOINT_FILE}); pass --resume to continue it")
 
 
-RUN_FILES = (RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, SETTINGS_FILE, "adapter.safetensors", "adapter_config.json")
+RUN_FILES = (RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, "adapter.safetensors", "adapter_config.json")
 
 
 def check_run_outputs(out: Path, data_root: Path) -> None:
@@ -178,9 +198,9 @@ class RunFolder:
             ) from None
         return self
 
-    def start(self, overwrite: bool, resume: bool, settings: dict) -> Path:
+    def start(self, overwrite: bool, resume: bool) -> Path:
         """Check the folder again under the lock and return where the run writes: --out itself, or a hidden
-        subfolder when it replaces a run. Resuming needs the ``settings`` (JSON-able) the run was started with."""
+        subfolder when it replaces a run (a resume checks its checkpoint's identity: `train.loop.read_checkpoint`)."""
         prepare_run_dir(self.out, overwrite, resume)
         replacing = (self.out / RUN_FILE).exists() or ((self.out / CHECKPOINT_FILE).exists() and not resume)
         try:
@@ -190,27 +210,12 @@ class RunFolder:
             probe.unlink()
         except OSError as err:
             raise PermissionError(f"run folder {self.out} is not writable: {err}") from err
-        settings = json.loads(json.dumps(settings, default=str))
-        recorded = self.work / SETTINGS_FILE
-        if (self.work / CHECKPOINT_FILE).exists() and recorded.is_file():
-            before = json.loads(recorded.read_text())
-            changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
-            if changed:
-                what = "; ".join(_change(k, before.get(k), settings.get(k)) for k in changed[:3])
-                raise UserError(
-                    f"{self.out} holds an unfinished run started with other settings ({what}); resume it with the "
-                    f"same options, or pass --overwrite to start anew"
-                )
-        write_json(recorded, settings)
         return self.work
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if self.work is not None:
-                if exc_type is None or not (self.work / CHECKPOINT_FILE).exists():
-                    (self.work / SETTINGS_FILE).unlink(missing_ok=True)
-                if exc_type is None and self.work != self.out:
-                    self._move_in()
+            if exc_type is None and self.work not in (None, self.out):
+                self._move_in()
         finally:
             if self.work not in (None, self.out):
                 shutil.rmtree(self.work, ignore_errors=True)
@@ -233,13 +238,6 @@ class RunFolder:
         for name in sorted(new - {RUN_FILE}):
             os.replace(self.work / name, self.out / name)
         os.replace(self.work / RUN_FILE, self.out / RUN_FILE)
-
-
-def _change(key: str, before, now) -> str:
-    if isinstance(before, dict) and isinstance(now, dict):
-        keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        return f"{key}: {', '.join(keys[:3])} changed"
-    return f"{key}: {before!r}, now {now!r}"
 
 
 def support_files(data: Dataset, case_ids: Sequence[str], organ: str) -> dict[str, str]:
@@ -309,6 +307,22 @@ def check_rank(model: torch.nn.Module, method: str, options) -> None:
         )
 
 
+def job_settings(job: AdaptJob) -> tuple[TrainSettings, AdaptOptions]:
+    """The training settings (under the job's seed) and method options (total_steps from them) a job runs with."""
+    settings = dataclasses.replace(job.train, seed=job.seed)
+    return settings, dataclasses.replace(job.options, total_steps=settings.steps)
+
+
+def run_identity(job: AdaptJob, **settled) -> RunIdentity:
+    """The `RunIdentity` of ``job``'s run as the job states it (the job's fields of the same names; no model sha256);
+    ``settled`` replaces what only the run settles (the organ's name, track, model sha256, support and test cases,
+    the decoder of ``options``)."""
+    settings, options = job_settings(job)
+    stated = {f.name: getattr(job, f.name, None) for f in dataclasses.fields(RunIdentity)}
+    as_dicts = {"train": asdict(settings), "options": asdict(options), "preprocess": job.preprocess.to_dict()}
+    return RunIdentity(**{**stated, **as_dicts, **settled})
+
+
 def run_adapt(job: AdaptJob) -> RunRecord:
     """Adapt, save the adapter, evaluate, and write run.json (returned); --out is locked while it runs."""
     with RunFolder(Path(job.out)) as folder:
@@ -347,8 +361,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
     prepare_run_dir(out, job.overwrite, job.resume)
     check_run_outputs(out, data.root)
 
-    settings = TrainSettings(**{**asdict(job.train), "seed": job.seed})
-    options = dataclasses.replace(job.options, total_steps=settings.steps)
+    settings, options = job_settings(job)
     loaded, adapted, options, row = build_adapted(job.model, organ, job.method, options, job.seed, job.track)
     adapted.model.to(device)
     if device.type == "cuda":
@@ -357,31 +370,30 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
     for cid, volume in zip(draw.cases, volumes, strict=True):
         if not volume["label"].any():
             raise UserError(_no_organ_voxels(data, cid, organ))
-    track = "base" if row else "novel"
-    identity = {
+    identity = run_identity(
+        job,
+        organ=organ,
+        track="base" if row else "novel",
+        model_sha256=file_digest(loaded.source),
+        support_cases=list(draw.cases),
+        test_cases=tests,
+        options=asdict(options),
+    )
+    # a resumed run must also read the same data: the same folder, the same support files
+    resumes_under = {
+        **identity.to_dict(),
         "data": str(data.root.resolve()),
-        "track": track,
-        "protocol": job.protocol,
-        "organ": organ,
-        "shots": job.shots,
-        "seed": job.seed,
-        "method": job.method,
-        "model": job.model,
-        "model_sha256": file_digest(loaded.source),
-        "options": asdict(options),
-        "support_cases": list(draw.cases),
-        "support_files": support_files(data, draw.cases, organ),  # a resumed run must train on the same voxels
-        "test_cases": tests,
-        "train": asdict(settings),
-        "preprocess": job.preprocess.to_dict(),
+        "support_files": support_files(data, draw.cases, organ),
     }
-    out = folder.start(job.overwrite, job.resume, identity)  # from here on the run writes into out
+    out = folder.start(job.overwrite, job.resume)  # from here on the run writes into out
 
     if zero_shot:  # nothing trains; the head (the class row) is saved as lp's would be, so that predict works
+        if (out / CHECKPOINT_FILE).exists():  # another run's: a zero-shot run writes none
+            read_checkpoint(out / CHECKPOINT_FILE, resumes_under)
         result = TrainResult(steps_done=0, stopped_early=False, final_loss=None, seconds_per_step=None, train_seconds=0)
     else:
         sampler = PatchSampler(volumes, job.preprocess, settings.patches_per_step, settings.seed)
-        result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE)
+        result = train_adapter(adapted, sampler, settings, out / CHECKPOINT_FILE, identity=resumes_under)
     trainable_while_training = 0 if zero_shot else adapted.trainable_params
     adapted.finalize()  # e.g. ARENA's pruning to the active rank
     fit = None if zero_shot else support_loss(adapted.model, sampler, result.steps_done, settings)
@@ -390,20 +402,9 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
     save_adapter(adapted, out, job.preprocess.to_dict())
     report = adapted.rank_report()
 
-    record = RunRecord(
-        method=job.method,
-        track=track,
-        protocol=job.protocol,
-        organ=organ,
-        shots=job.shots,
-        seed=job.seed,
-        support_cases=list(draw.cases),
+    record = identity.record(
         support_note=draw.note,
-        test_cases=tests,
-        model=job.model,
-        model_sha256=file_digest(loaded.source),
         zero_shot_head_row=row[0] if row else None,
-        settings={"train": asdict(settings), "preprocess": job.preprocess.to_dict(), "options": asdict(options)},
         data=str(data.root),
         trainable_params=trainable_while_training,
         active_params=trainable_while_training and adapted.trainable_params,
@@ -537,20 +538,6 @@ def check_adapter_config(run_dir: Path, record: RunRecord) -> None:
             f"{run_dir / 'adapter_config.json'} is not the adapter this run trained ({what}): it was replaced, "
             f"e.g. by another run's"
         )
-
-
-def remeasure_support_loss(run_dir: str | Path, data: str | Path | None = None, device: str = "cpu") -> float:
-    """A finished run's ``support_loss`` measured again from its saved adapter, e.g. for runs recorded before the
-    field existed; ``data``: the dataset folder, when it moved since the run (default: the one run.json records)."""
-    adapted, record = load_run(run_dir, device)
-    if not record.support_cases:
-        raise UserError(f"{run_dir} trained on no support scans (a {record.method} run): it has no support loss")
-    dataset = open_dataset(data or record.data)
-    preprocess = PreprocessSettings.from_dict(record.preprocess)
-    settings = TrainSettings(**recorded_settings(record.train))
-    volumes = load_cases(dataset, record.support_cases, {record.organ: 1}, preprocess)
-    sampler = PatchSampler(volumes, preprocess, settings.patches_per_step, settings.seed)
-    return support_loss(adapted.model, sampler, record.steps_done, settings)
 
 
 def zero_shot_model(model_name: str, organ: str, device: str = "auto"):

@@ -1,9 +1,10 @@
 """The record of one adaptation run (its ``run.json``): one schema for the run folder, results.csv and the report.
 
 `pipeline.run_adapt` writes it, `predict --run` reads the model and preprocessing back from it, and the benchmark
-reads cells' settings and results from it. Fields that older runs did not record read as None (e.g. ``track``
-and ``protocol`` before protocol v2, the ``*_lcc`` metrics before the largest-component option); a key that is
-not a field is refused, so a misspelt or foreign file never passes for a run.
+reads cells' settings and results from it; its `RunIdentity` says which run it is. Fields that older runs did not
+record read as None (e.g. ``track`` and ``protocol`` before protocol v2, the ``*_lcc`` metrics before the
+largest-component option); a key that is not a field is refused, so a misspelt or foreign file never passes for a
+run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,40 @@ from arenaseg.utils.errors import UserError
 
 # The means over test cases that `evaluate.metrics.summarise` gives: as predicted, then the largest component only.
 METRICS = ("mean_dice", "mean_hd95", "mean_nsd", "mean_dice_lcc", "mean_hd95_lcc", "mean_nsd_lcc")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Which run a run is: every setting that shapes its result. A checkpoint stores it and resumes only under the
+    same (`train.loop`), run.json records it, and a bench's finished cell counts as a job's result when their
+    identities match (`bench.runner.signature_mismatch`). Where and when a run ran is no part of it."""
+
+    method: str
+    organ: str
+    shots: int
+    seed: int
+    model: str
+    model_sha256: str | None
+    track: str | None
+    protocol: str | None
+    support_cases: list[str] | None  # None: a job's, to be drawn by (organ, shots, seed)
+    test_cases: str | list[str]
+    train: dict  # TrainSettings.to_dict()
+    options: dict  # AdaptOptions.to_dict()
+    preprocess: dict  # PreprocessSettings.to_dict()
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunIdentity:
+        return cls(**{f.name: getattr(record, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON's view: tuples become lists
+
+    def record(self, **fields) -> RunRecord:
+        """The run.json record of a run of this identity, with its other ``fields``."""
+        values = dataclasses.asdict(self)
+        settings = {key: values.pop(key) for key in ("train", "preprocess", "options")}
+        return RunRecord(**values, settings=settings, **fields)
 
 
 @dataclass

@@ -11,64 +11,26 @@ One name per concept, each defined once here (the other classes reuse its field,
 - ``lr``, ``weight_decay``, ``head_lr_scale``: the optimizer's (``OptimizerSettings``; the training loop's
   ``TrainSettings`` takes its defaults from there).
 
-One validator: each field declares its rule (``_rule``) and ``Config.validate`` checks them all, numbers with
-``math.isfinite`` first (NaN and inf pass any comparison), then the rules that tie fields together. Errors are
-``ValueError`` naming ``Class.field``; a subclass may raise the project's UserError instead (``error``).
+Each field declares its default, rule and command-line help once (``arenaseg.utils.settings``); ``validate`` adds
+the rules that tie fields together.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 from arenaseg.optim.proximal import V_GRADIENTS  # the optimizer owns the directions of its step on v
-from arenaseg.utils.dataclass_json import from_json
+from arenaseg.utils.settings import Config, choice, flag, integer, is_int, number, rule, same_as
 
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 DECODER_POLICIES = ("frozen", "full", "lowrank")
 # The low-rank methods' decoder policy for a new head, chosen on the pretrain-split probe (docs/benchmark.md,
 # criterion 2). A head that starts from the model's own class keeps the decoder frozen.
 NEW_HEAD_DECODER = "lowrank"
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _rule(default: Any, need: str, ok: Callable[[Any], bool]) -> Any:
-    """A dataclass field with its rule: ``ok(value)`` must hold, else "must be ``need``"."""
-    return field(default=default, metadata={"need": need, "ok": ok})
-
-
-def integer(default: int | None, minimum: int, *, optional: bool = False) -> Any:
-    need = f"an integer >= {minimum}" + (" or None" if optional else "")
-    return _rule(default, need, lambda v: (optional and v is None) or _is_int(v, minimum))
-
-
-def number(default: float | None, minimum: float, *, above: bool = False, optional: bool = False) -> Any:
-    """A finite number >= ``minimum`` (> with ``above``)."""
-    need = f"{'>' if above else '>='} {minimum:g} and finite" + (" (or None)" if optional else "")
-    return _rule(
-        default,
-        need,
-        lambda v: (optional and v is None) or (_is_number(v) and (v > minimum if above else v >= minimum)),
-    )
-
-
-def choice(default: str, choices: tuple[str, ...]) -> Any:
-    return _rule(default, f"one of {', '.join(choices)}", lambda v: v in choices)
-
-
-def flag(default: bool) -> Any:
-    return _rule(default, "True or False", lambda v: isinstance(v, bool))
+# ARENA's proximal step on its gates: options that no other method reads
+GATE_OPTIONS = ("lam", "rho", "freeze_pruned", "v_gradient")
 
 
 def _is_targets(value: object) -> bool:
@@ -84,36 +46,7 @@ def _is_targets(value: object) -> bool:
 def targets(default: str) -> Any:
     """PEFT's ``target_modules``: a regex full-matched against module names, or a list of names (an entry also
     matches as a ``.``-suffix)."""
-    return _rule(default, "a valid regex or a non-empty list of module names", _is_targets)
-
-
-def same_as(config: type, name: str) -> Any:
-    """The field ``name`` of another config class, default and rule: one definition per concept."""
-    original = config.__dataclass_fields__[name]
-    return field(default=original.default, metadata=original.metadata)
-
-
-class Config:
-    """Base of the configuration dataclasses: validated on construction, ``to_dict`` / ``from_dict`` for JSON."""
-
-    error: ClassVar[type[Exception]] = ValueError
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``error`` naming the first field that breaks its rule."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if "ok" in f.metadata and not f.metadata["ok"](value):
-                raise self.error(f"{type(self).__name__}.{f.name} must be {f.metadata['need']}, got {value!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Any:
-        return from_json(cls, d, error=cls.error)
+    return rule(default, "a valid regex or a non-empty list of module names", _is_targets)
 
 
 class _Scaled:
@@ -155,10 +88,10 @@ class ArenaConfig(_Scaled, Config):
     Mutable like PEFT's configs, so ``apply_arena`` validates it again.
     """
 
-    rank: int = integer(16, 1)
+    rank: int = integer(16, 1, help="initial rank of low-rank methods")
     alpha: float | None = number(None, 0.0, above=True, optional=True)
     target_modules: str | list[str] = targets(DEFAULT_TARGETS)
-    lam: float = number(0.5, 0.0)
+    lam: float = number(0.5, 0.0, help="ARENA's l1 weight λ on its gates: larger switches more rank-1 components off")
     rho: float = number(1e-2, 0.0, above=True)
     freeze_pruned: bool = flag(False)
     v_gradient: str = choice("adam", V_GRADIENTS)
@@ -174,10 +107,16 @@ class ArenaConfig(_Scaled, Config):
 class OptimizerSettings(Config):
     """The optimizer's global defaults, for every method, organ and k (BENCHMARK.md forbids per-task tuning)."""
 
-    lr: float = number(1e-3, 0.0, above=True)
-    weight_decay: float = number(1e-4, 0.0)
+    lr: float = number(1e-3, 0.0, above=True, help="AdamW peak learning rate")
+    weight_decay: float = number(1e-4, 0.0, help="AdamW weight decay")
     # the new head starts from random weights: benchmarks/results/step_budget_lp.md
-    head_lr_scale: float = number(10.0, 0.0, above=True)
+    head_lr_scale: float = number(
+        10.0,
+        0.0,
+        above=True,
+        help="the new output head's lr as a multiple of --lr: it starts from random weights and must move further "
+        "than the adapters",
+    )
 
 
 @dataclass(frozen=True)
@@ -206,13 +145,20 @@ class AdaptOptions(_Scaled, Config):
     adalora_delta_t: int = integer(1, 1)
     orth_reg_weight: float = number(0.5, 0.0)
     train_head: bool = flag(True)
-    decoder: str = choice("frozen", ("auto", *DECODER_POLICIES))
+    decoder: str = choice(
+        "frozen",
+        ("auto", *DECODER_POLICIES),
+        help="what the low-rank methods do with the convolutional decoder: frozen, full (trained in full), lowrank "
+        f"(the method's adapters on its Conv3d layers too), or auto: {NEW_HEAD_DECODER} for a new head (novel "
+        "track; full for adalora and pissa, whose adapters cannot wrap a Conv3d), frozen when the head starts from "
+        "the model's class (base track); the benchmark's probe chose this (docs/benchmark.md)",
+    )
     decoder_lr_scale: float = number(1.0, 0.0, above=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.adalora_target_rank is None and _is_int(self.rank, 1):
+        if self.adalora_target_rank is None and is_int(self.rank, 1):
             object.__setattr__(self, "adalora_target_rank", max(1, self.rank // 2))
         super().__post_init__()
 
@@ -229,5 +175,5 @@ class AdaptOptions(_Scaled, Config):
 
     def arena_config(self, target_modules: list[str]) -> ArenaConfig:
         """ARENA's layer config for these options on the resolved ``target_modules``."""
-        names = ("rank", "alpha", "lam", "rho", "freeze_pruned", "v_gradient")
+        names = ("rank", "alpha", *GATE_OPTIONS)
         return ArenaConfig(target_modules=target_modules, **{n: getattr(self, n) for n in names})

@@ -7,18 +7,17 @@ tree and results.csv is only a view of it (`rebuild_results`): a killed bench ca
 
 from __future__ import annotations
 
-import csv
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from arenaseg.adapters.config import NEW_HEAD_DECODER
-from arenaseg.adapters.factory import LOW_RANK_METHODS, METHODS, decoder_for
+from arenaseg.adapters.factory import LOW_RANK_METHODS, decoder_for
+from arenaseg.bench.results import ResultRow, method_name, parse_method, write_results
 from arenaseg.data.datasets import open_dataset
 from arenaseg.data.splits import NOVEL_ORGANS, SEEDS, SHOTS, fseft_support, read_fseft_list
-from arenaseg.pipeline import METRICS_FILE, REFERENCE_METHODS, RUN_FILE, resolve_test_cases, support_pool
+from arenaseg.pipeline import METRICS_FILE, RUN_FILE, resolve_test_cases, support_pool
 from arenaseg.run_record import METRICS, RunRecord
 from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import atomic_path, folder_lock
@@ -51,54 +50,6 @@ BTCV_ORGAN_ORDER = ("pancreas", *(o for o in NOVEL_ORGANS if o != "pancreas"))
 PROTOCOL = "btcv-fs-v2"
 # k = 5 first: the rank-robustness and efficiency tables need k = 5 only, so they fill in before k = 1 and 10.
 SHOTS_ORDER = (5, *(k for k in SHOTS if k != 5))
-
-RESULT_COLUMNS = (
-    "track",
-    "method",
-    "base_method",
-    "rank",
-    "organ",
-    "shots",
-    "seed",
-    "mean_dice",
-    "mean_hd95",
-    "mean_nsd",
-    "mean_dice_lcc",
-    "mean_hd95_lcc",
-    "mean_nsd_lcc",
-    "trainable_params",
-    "active_rank_total",
-    "active_adapter_params",
-    "adapter_bytes",
-    "seconds_per_step",
-    "peak_mem_mb",
-    "train_seconds",
-    "wall_s",
-    "steps_done",
-    "stopped_early",
-    "final_loss",
-    "support_loss",
-    "whole_pool",
-    "support_cases",
-    "test_cases",
-    "device",
-    "precision",
-    "commit",
-    "model",
-    "model_sha256",
-    "loss",
-    "steps",
-    "patches_per_step",
-    "lr",
-    "head_lr_scale",
-    "spacing",
-    "patch",
-    "intensity",
-    "decoder",
-    "lam",
-    "rho",
-    "protocol",
-)
 
 
 @dataclass(frozen=True)
@@ -159,13 +110,12 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One adaptation of a grid. ``name`` is the grid's method name (``lora-r16``), ``method``/``rank`` what
-    `run_adapt` gets, ``decoder`` the decoder policy of a low-rank method (``frozen`` for the others).
+    """One adaptation of a grid. ``method``/``rank`` are what `run_adapt` gets, ``decoder`` the decoder policy of a
+    low-rank method (``frozen`` for the others).
     ``support_cases`` None: the pipeline draws the BTCV-FS support set itself, from (organ, k, seed) alone, so
     every method of a (organ, k, seed) adapts on the same volumes. A zero-shot cell trains nothing: k = 0."""
 
     track: str
-    name: str
     method: str
     rank: int | None
     organ: str
@@ -176,6 +126,11 @@ class Cell:
     support_cases: tuple[str, ...] | None = None
     decoder: str = "frozen"
     protocol: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The grid's name (``lora-r16``), which names the cell's folder."""
+        return method_name(self.method, self.rank)
 
     @property
     def rel_dir(self) -> Path:
@@ -212,22 +167,6 @@ def preset_model(preset: str, model: str | None) -> str:
     return chosen
 
 
-def parse_method(name: str) -> tuple[str, int | None]:
-    """``lora-r16`` -> ("lora", 16), ``lp`` -> ("lp", None); low-rank methods need a rank, the others take none."""
-    match = re.fullmatch(r"(?P<method>[a-z][a-z-]*?)(?:-r(?P<rank>\d+))?", name)
-    method = match["method"] if match else name
-    rank = int(match["rank"]) if match and match["rank"] else None
-    examples = "e.g. zero-shot, lp, fft, lora-r16, adalora-r16, arena-r4, scratch"
-    if method not in (*METHODS, *REFERENCE_METHODS):
-        valid = ", ".join((*METHODS, *REFERENCE_METHODS))
-        raise UserError(f"unknown method {name!r} in the grid; methods: {valid} ({examples})")
-    if method in LOW_RANK_METHODS and not rank:
-        raise UserError(f"{method} needs an initial rank >= 1 in the grid, as {method}-rR ({examples})")
-    if method not in LOW_RANK_METHODS and rank is not None:
-        raise UserError(f"{method} has no rank; write it as {method!r} ({examples})")
-    return method, rank
-
-
 def plan_cells(
     preset: str,
     methods: Sequence[str] | None,
@@ -244,7 +183,8 @@ def plan_cells(
     """Every cell of the grid, track-major, then organ-major (organ, k, seed, method) so that one organ's complete
     comparison finishes before the next organ starts. None takes the preset's default; ``methods`` and ``organs``
     select within each track (an organ or method that no chosen track holds is an error). The zero-shot row of
-    an organ trains nothing, so it is one cell (k = 0, seed 0) whatever the k and seeds.
+    an organ trains nothing, so it is one cell (k = 0, seed 0) whatever the k and seeds. ``methods`` and the
+    presets name methods in the grid's notation (``lora-r16``, ``lp``), read here into (method, rank).
 
     ``btcv-fs``: BENCHMARK.md's protocol; ``test_cases`` "auto" is BTCV-FS's test split (a list of case ids lets
     the same protocol run on other nnU-Net data, e.g. phantoms). Where k >= the organ's eligible pool, the whole
@@ -255,11 +195,12 @@ def plan_cells(
     """
     spec = get_preset(preset)
     chosen = [spec.track(t) for t in _unique("tracks", tracks if tracks is not None else [t.name for t in spec.tracks])]
+    in_track = {t.name: [parse_method(name) for name in t.methods] for t in chosen}
     if methods is not None:
-        for name in _unique("methods", methods):
-            parse_method(name)
-            if not any(name in t.methods for t in chosen):
-                raise UserError(f"method {name} is in no chosen track ({_listing(chosen, 'methods')})")
+        methods = [parse_method(name) for name in _unique("methods", methods)]
+        for method in methods:
+            if not any(method in grid for grid in in_track.values()):
+                raise UserError(f"method {method_name(*method)} is in no chosen track ({_listing(chosen, 'methods')})")
     shots = _unique("shots", shots if shots is not None else spec.shots)
     seeds = _unique("seeds", seeds if seeds is not None else spec.seeds)
     if not shots or not seeds or not chosen or methods == []:
@@ -282,9 +223,9 @@ def plan_cells(
         raise UserError("totalseg-fseft takes its test subjects from the <structure>_test.txt lists")
     cells = []
     for track in chosen:
-        names = [m for m in track.methods if methods is None or m in methods]
+        run = [m for m in in_track[track.name] if methods is None or m in methods]
         wanted = track.organs if organs is None else [o for o in organs if track.organs is None or o in track.organs]
-        if not names or wanted == []:  # None: every structure of the partition lists
+        if not run or wanted == []:  # None: every structure of the partition lists
             continue
         if preset == "btcv-fs":
             plan = _btcv_plan(wanted, shots, seeds, data, test_cases)
@@ -292,8 +233,7 @@ def plan_cells(
             plan = _fseft_plan(wanted, shots, seeds, data, partitions)
         seen_zero_shot = set()
         for organ, k, seed, root, tests, support in plan:
-            for name in names:
-                method, rank = parse_method(name)
+            for method, rank in run:
                 draw = (k, seed, support)
                 if method == "zero-shot":
                     if organ in seen_zero_shot:
@@ -305,7 +245,6 @@ def plan_cells(
                 cells.append(
                     Cell(
                         track.name,
-                        name,
                         method,
                         rank,
                         organ,
@@ -429,62 +368,63 @@ def _check_labels(root: Path, structure: str, lines: list[tuple[str, str]]) -> N
             raise FileNotFoundError(f"label of subject {_subject(image)} not found: {path}")
 
 
-def result_row(name: str, record: RunRecord) -> dict:
-    """One results.csv row from a finished cell's record (missing values are empty, never invented)."""
-    method, rank = parse_method(name)
+def result_row(record: RunRecord) -> ResultRow:
+    """One results.csv row from a finished cell's record (what it did not record stays None, never invented)."""
     train, preprocess, options = record.train, record.preprocess, record.options
-    row = {
-        "track": record.track,
-        "method": name,
-        "base_method": method,
-        "rank": rank,
-        "organ": record.organ,
-        "shots": record.shots,
-        "seed": record.seed,
+    low_rank = record.method in LOW_RANK_METHODS
+    return ResultRow(
+        track=record.track,
+        method=record.method,
+        rank=_rank(record),
+        organ=record.organ,
+        shots=record.shots,
+        seed=record.seed,
         **{metric: getattr(record, metric) for metric in METRICS},
-        "trainable_params": record.trainable_params,
-        "active_rank_total": record.active_rank_total,
-        "active_adapter_params": record.rank_report.get("totals", {}).get("params")
-        if method in LOW_RANK_METHODS
-        else None,
-        "adapter_bytes": record.adapter_bytes,
-        "seconds_per_step": record.seconds_per_step,
-        "peak_mem_mb": record.peak_mem_mb,
-        "train_seconds": record.train_seconds,
-        "wall_s": None if record.eval_seconds is None else round(record.train_seconds + record.eval_seconds, 1),
-        "steps_done": record.steps_done,
-        "stopped_early": record.stopped_early,
-        "final_loss": record.final_loss,
-        "support_loss": record.support_loss,
-        "whole_pool": record.support_note is not None,
-        "support_cases": ";".join(record.support_cases),
-        "test_cases": ";".join(record.test_cases),
-        "device": record.device,
-        "precision": recorded_settings(train)["precision"],
-        "commit": record.git_commit,
-        "model": record.model,
-        "model_sha256": (record.model_sha256 or "")[:12] or None,
-        "loss": {True: "dice+ce", False: "dice"}.get(train.get("cross_entropy")),
-        "steps": train.get("steps"),
-        "patches_per_step": train.get("patches_per_step"),
-        "lr": train.get("lr"),
-        "head_lr_scale": train.get("head_lr_scale"),
-        "spacing": _first(preprocess.get("spacing")),
-        "patch": _first(preprocess.get("patch_size")),
-        "intensity": preprocess.get("intensity", "ct"),  # records from before the option are CT
-        "decoder": options.get("decoder", "frozen") if method in LOW_RANK_METHODS else None,
-        "lam": options.get("lam") if method == "arena" else None,
-        "rho": options.get("rho") if method == "arena" else None,
-        "protocol": record.protocol,
-    }
-    return {k: "" if v is None else v for k, v in row.items()}
+        trainable_params=record.trainable_params,
+        active_rank_total=record.active_rank_total,
+        active_adapter_params=record.rank_report.get("totals", {}).get("params") if low_rank else None,
+        adapter_bytes=record.adapter_bytes,
+        seconds_per_step=record.seconds_per_step,
+        peak_mem_mb=record.peak_mem_mb,
+        train_seconds=record.train_seconds,
+        wall_s=None if record.eval_seconds is None else round(record.train_seconds + record.eval_seconds, 1),
+        steps_done=record.steps_done,
+        stopped_early=record.stopped_early,
+        final_loss=record.final_loss,
+        support_loss=record.support_loss,
+        whole_pool=record.support_note is not None,
+        support_cases=";".join(record.support_cases),
+        test_cases=";".join(record.test_cases),
+        device=record.device,
+        precision=recorded_settings(train)["precision"],
+        commit=record.git_commit,
+        model=record.model,
+        model_sha256=(record.model_sha256 or "")[:12] or None,
+        loss={True: "dice+ce", False: "dice"}.get(train.get("cross_entropy")),
+        steps=train.get("steps"),
+        patches_per_step=train.get("patches_per_step"),
+        lr=train.get("lr"),
+        head_lr_scale=train.get("head_lr_scale"),
+        spacing=_first(preprocess.get("spacing")),
+        patch=_first(preprocess.get("patch_size")),
+        intensity=preprocess.get("intensity", "ct"),  # records from before the option are CT
+        decoder=options.get("decoder", "frozen") if low_rank else None,
+        lam=options.get("lam") if record.method == "arena" else None,
+        rho=options.get("rho") if record.method == "arena" else None,
+        protocol=record.protocol,
+    )
 
 
-def _first(values):
+def _rank(record: RunRecord) -> int | None:
+    """The initial rank a low-rank cell ran with; the other methods have none (their options keep a default)."""
+    return record.options.get("rank") if record.method in LOW_RANK_METHODS else None
+
+
+def _first(values) -> str | None:
     """Isotropic settings are stored per axis; one number reads better when all axes agree."""
     if not values:
         return None
-    return values[0] if len(set(values)) == 1 else "x".join(map(str, values))
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
 def finished_cells(out: str | os.PathLike) -> list[tuple[Path, RunRecord]]:
@@ -492,9 +432,9 @@ def finished_cells(out: str | os.PathLike) -> list[tuple[Path, RunRecord]]:
     found = []
     for path in sorted(Path(out).glob(f"{CELLS_DIR}/*/*/*/k*/seed*/{RUN_FILE}")):
         record = RunRecord.read(path)
-        track, name, organ, k, seed = path.parent.parts[-5:]
+        name = method_name(record.method, _rank(record))
         expected = cell_dir(record.track, name, record.organ, record.shots, record.seed)
-        if Path(CELLS_DIR, track, name, organ, k, seed) != expected:
+        if Path(CELLS_DIR, *path.parent.parts[-5:]) != expected:
             raise UserError(f"{path} records {expected} but lies in {path.parent}: a misplaced cell folder")
         found.append((path.parent, record))
     return found
@@ -504,15 +444,12 @@ def rebuild_results(out: str | os.PathLike) -> Path:
     """(Re)write OUT/results.csv atomically from the finished cells' run.json files: one row per cell."""
     out = Path(out)
     order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
-    rows = [result_row(folder.parts[-4], record) for folder, record in finished_cells(out)]
-    rows.sort(
-        key=lambda r: (r["track"], order.get(r["method"], len(order)), r["method"], r["organ"], r["shots"], r["seed"])
+    rows = sorted(
+        (result_row(record) for _, record in finished_cells(out)),
+        key=lambda r: (r.track, order.get(r.name, len(order)), r.name, r.organ, r.shots, r.seed),
     )
     path = out / RESULTS_FILE
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(path, rows)
     return path
 
 

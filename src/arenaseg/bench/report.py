@@ -2,18 +2,18 @@
 
 Only finished cells are used: a value with a missing cell behind it is shown as "–", never filled in, and every
 table says which commits, models, devices and settings produced its numbers, so mixed provenance is visible. Rows
-of different (protocol, precision) never share a table: each such group gets its own tables.
+of different (protocol, precision) never share a table: each such group gets its own tables. A method is labelled
+by its grid name (``arena-r16``: `ResultRow.name`), as its cell folders are.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from arenaseg.bench.grid import (
     cell_dir,
     rebuild_results,
 )
+from arenaseg.bench.results import ResultRow, method_name, read_results
 from arenaseg.pipeline import RUN_FILE
 from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import SUPPORT_LOSS_STEPS
@@ -47,37 +48,6 @@ TRACK_ORDER = ("base", "novel")
 UNRECORDED = "unrecorded"  # the track of rows from before the track column (v1)
 V1 = "v1"  # the protocol of rows from before the protocol column
 V1_REPORT = Path("benchmarks/results/btcv-fs-gpu/report.md")  # v1's committed report, relative to the checkout
-INT_COLUMNS = (
-    "rank",
-    "shots",
-    "seed",
-    "trainable_params",
-    "active_rank_total",
-    "active_adapter_params",
-    "adapter_bytes",
-    "steps_done",
-    "steps",
-    "patches_per_step",
-)
-FLOAT_COLUMNS = (
-    "mean_dice",
-    "mean_hd95",
-    "mean_nsd",
-    "mean_dice_lcc",
-    "mean_hd95_lcc",
-    "mean_nsd_lcc",
-    "final_loss",
-    "support_loss",
-    "seconds_per_step",
-    "peak_mem_mb",
-    "train_seconds",
-    "wall_s",
-    "lr",
-    "head_lr_scale",
-    "lam",
-    "rho",
-)
-BOOL_COLUMNS = ("whole_pool", "stopped_early")
 # (column, label, lower is better) of the post-processing table: each metric as predicted and after keeping the
 # largest connected component (LCC)
 SURFACE_METRICS = (
@@ -105,56 +75,29 @@ def stat(values: Sequence[float]) -> Stat | None:
     return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """results.csv rows with numbers parsed; empty fields and columns an older CSV lacks become None."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("method", "organ", "shots", "seed") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path} lacks the columns {missing}: not a results.csv of arenaseg bench")
-        rows = list(reader)
-    for line, row in enumerate(rows, start=2):
-        for key, value in row.items():
-            if value == "" or value is None:
-                row[key] = None
-            elif key in INT_COLUMNS or key in FLOAT_COLUMNS:
-                try:
-                    row[key] = int(value) if key in INT_COLUMNS else float(value)
-                except ValueError:
-                    raise UserError(f"{path}:{line}: column {key} holds {value!r}, not a number") from None
-            elif key in BOOL_COLUMNS:
-                row[key] = value == "True"
-        for key in (*INT_COLUMNS, *FLOAT_COLUMNS, *BOOL_COLUMNS, "track", "protocol", "precision"):
-            row.setdefault(key, None)
-    return rows
-
-
-def seed_values(rows: Iterable[dict], method: str, organ: str, k: int, metric: str) -> dict[int, float]:
+def seed_values(rows: Iterable[ResultRow], name: str, organ: str, k: int, metric: str) -> dict[int, float]:
+    """Seed -> ``metric`` of the cells of the method named ``name`` (``arena-r16``: the report's label)."""
     return {
-        r["seed"]: r[metric]
+        r.seed: getattr(r, metric)
         for r in rows
-        if (r["method"], r["organ"], r["shots"]) == (method, organ, k) and r[metric] is not None
+        if (r.name, r.organ, r.shots) == (name, organ, k) and getattr(r, metric) is not None
     }
 
 
-def organ_stat(rows: Sequence[dict], method: str, organ: str, k: int, metric: str) -> Stat | None:
-    return stat(list(seed_values(rows, method, organ, k, metric).values()))
+def organ_stat(rows: Sequence[ResultRow], name: str, organ: str, k: int, metric: str) -> Stat | None:
+    return stat(list(seed_values(rows, name, organ, k, metric).values()))
 
 
-def seed_means(rows: Sequence[dict], method: str, k: int, organs: Sequence[str], metric: str) -> dict[int, float]:
+def seed_means(rows: Sequence[ResultRow], name: str, k: int, organs: Sequence[str], metric: str) -> dict[int, float]:
     """Seed -> the mean over ``organs``; empty unless every organ has a run.
 
     An organ whose whole support pool was used ran once (BENCHMARK.md): that run stands for every seed. A seed
     counts only when every organ has its value, so a partial grid never yields a mean over fewer organs.
     """
-    per_organ = {o: seed_values(rows, method, o, k, metric) for o in organs}
+    per_organ = {o: seed_values(rows, name, o, k, metric) for o in organs}
     if not organs or any(not v for v in per_organ.values()):
         return {}
-    whole = {
-        o
-        for o in organs
-        if all(r["whole_pool"] for r in rows if (r["method"], r["organ"], r["shots"]) == (method, o, k))
-    }
+    whole = {o for o in organs if all(r.whole_pool for r in rows if (r.name, r.organ, r.shots) == (name, o, k))}
     single = {o: next(iter(v.values())) for o, v in per_organ.items() if o in whole and len(v) == 1}
     seeds = {s for o, v in per_organ.items() if o not in single for s in v}
     if not seeds:
@@ -167,9 +110,9 @@ def seed_means(rows: Sequence[dict], method: str, k: int, organs: Sequence[str],
     return per_seed
 
 
-def organ_mean(rows: Sequence[dict], method: str, k: int, organs: Sequence[str], metric: str) -> Stat | None:
+def organ_mean(rows: Sequence[ResultRow], name: str, k: int, organs: Sequence[str], metric: str) -> Stat | None:
     """Mean over seeds (± std over seeds) of the per-seed mean over ``organs``; None unless every organ has a run."""
-    return stat(list(seed_means(rows, method, k, organs, metric).values()))
+    return stat(list(seed_means(rows, name, k, organs, metric).values()))
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
@@ -224,21 +167,21 @@ def stat_columns(
     return ["Method", *stats_by_column], columns
 
 
-def provenance(rows: Sequence[dict]) -> str:
+def provenance(rows: Sequence[ResultRow]) -> str:
     """Which cells, commits, models, devices and settings a table's numbers come from; the training settings are
     the trained cells' (a zero-shot row records defaults it never used)."""
 
-    def distinct_in(subset: Sequence[dict], key: str) -> str:
-        values = sorted({str(r[key]) for r in subset if r.get(key) is not None})
+    def distinct_in(subset: Sequence[ResultRow], key: str) -> str:
+        values = sorted({str(getattr(r, key)) for r in subset if getattr(r, key) is not None})
         return ", ".join(values) if values else MISSING
 
     def distinct(key: str) -> str:
         return distinct_in(rows, key)
 
     def trained(key: str) -> str:
-        return distinct_in([r for r in rows if r["method"] != ZERO_SHOT], key)
+        return distinct_in([r for r in rows if r.name != ZERO_SHOT], key)
 
-    arena = [r for r in rows if r["lam"] is not None]
+    arena = [r for r in rows if r.lam is not None]
     return (
         f"_From {len(rows)} finished cells; protocol {distinct('protocol')}, precision {distinct('precision')}; "
         f"commit(s) {distinct('commit')}; model(s) {distinct('model')} (sha256 {distinct('model_sha256')}); "
@@ -251,10 +194,10 @@ def provenance(rows: Sequence[dict]) -> str:
     )
 
 
-def method_order(rows: Sequence[dict], track: str) -> list[str]:
+def method_order(rows: Sequence[ResultRow], track: str) -> list[str]:
     """The track's grid methods in DEFAULT_METHODS' order (shown even when not run, as "–"), then any other."""
     expected = {m for preset in PRESETS.values() for t in preset.tracks if t.name == track for m in t.methods}
-    wanted = expected | {r["method"] for r in rows}
+    wanted = expected | {r.name for r in rows}
     return [m for m in DEFAULT_METHODS if m in wanted] + sorted(wanted - set(DEFAULT_METHODS))
 
 
@@ -264,20 +207,20 @@ def ordered_organs(organs: Iterable[str]) -> list[str]:
     return [o for o in order if o in organs] + sorted(organs - set(order))
 
 
-def complete_organs(rows: Sequence[dict]) -> list[str]:
+def complete_organs(rows: Sequence[ResultRow]) -> list[str]:
     """Organs with a cell for every (method, k, seed) that any organ of ``rows`` has (a whole-pool organ ran once
     per (method, k)): the organs whose grid is complete so far."""
-    have = {(r["organ"], r["method"], r["shots"], r["seed"]) for r in rows}
-    whole = {(r["organ"], r["method"], r["shots"]) for r in rows if r["whole_pool"]}
+    have = {(r.organ, r.name, r.shots, r.seed) for r in rows}
+    whole = {(r.organ, r.name, r.shots) for r in rows if r.whole_pool}
     need = {key[1:] for key in have}
-    present = {r["organ"] for r in rows}
+    present = {r.organ for r in rows}
     return ordered_organs(o for o in present if all((o, m, k, s) in have or (o, m, k) in whole for m, k, s in need))
 
 
-def default_organs(rows: Sequence[dict], track: str) -> tuple[list[str], str]:
+def default_organs(rows: Sequence[ResultRow], track: str) -> tuple[list[str], str]:
     """The organs a track's means cover, and why: the base track's three organs (the paper's mean), else the
     organs whose grid is complete."""
-    present = {r["organ"] for r in rows}
+    present = {r.organ for r in rows}
     if track == "base" and present <= set(BASE_ORGANS):
         return list(BASE_ORGANS), "the base track's organs"
     complete = complete_organs(rows)
@@ -286,7 +229,7 @@ def default_organs(rows: Sequence[dict], track: str) -> tuple[list[str], str]:
     return complete, why
 
 
-def table_per_organ(rows: Sequence[dict], methods: list[str], organs: list[str], k: int) -> str:
+def table_per_organ(rows: Sequence[ResultRow], methods: list[str], organs: list[str], k: int) -> str:
     """Dice per organ and the mean over ``organs`` at k (zero-shot's k = 0 cell as its row)."""
     stats = {o: [organ_stat(rows, m, o, shots_of(m, k), "mean_dice") for m in methods] for o in organs}
     stats["mean"] = [organ_mean(rows, m, shots_of(m, k), organs, "mean_dice") for m in methods]
@@ -294,7 +237,7 @@ def table_per_organ(rows: Sequence[dict], methods: list[str], organs: list[str],
     return markdown_table(header, columns)
 
 
-def table_over_k(rows: Sequence[dict], methods: list[str], organs: list[str], shots: list[int]) -> str:
+def table_over_k(rows: Sequence[ResultRow], methods: list[str], organs: list[str], shots: list[int]) -> str:
     stats = {
         f"{label} k={k}": [organ_mean(rows, m, shots_of(m, k), organs, metric) for m in methods]
         for label, metric in (("Dice", "mean_dice"), ("HD95", "mean_hd95"))
@@ -304,27 +247,29 @@ def table_over_k(rows: Sequence[dict], methods: list[str], organs: list[str], sh
     return markdown_table(header, columns)
 
 
-def table_post_processing(rows: Sequence[dict], methods: list[str], organs: list[str], k: int) -> str:
-    metrics = [m for m in SURFACE_METRICS if any(r[m[0]] is not None for r in rows)]
+def table_post_processing(rows: Sequence[ResultRow], methods: list[str], organs: list[str], k: int) -> str:
+    metrics = [m for m in SURFACE_METRICS if any(getattr(r, m[0]) is not None for r in rows)]
     stats = {label: [organ_mean(rows, m, shots_of(m, k), organs, col) for m in methods] for col, label, _ in metrics}
     header, columns = stat_columns(methods, stats, {label: min for _, label, lower in metrics if lower})
     return markdown_table(header, columns)
 
 
-def _family_ranks(rows: Sequence[dict]) -> list[int]:
-    return sorted({4, 16, 64} | {r["rank"] for r in rows if r["base_method"] in RANK_FAMILIES})
+def _family_ranks(rows: Sequence[ResultRow]) -> list[int]:
+    return sorted({4, 16, 64} | {r.rank for r in rows if r.method in RANK_FAMILIES})
 
 
-def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
+def table_ranks(rows: Sequence[ResultRow], organs: list[str]) -> str:
     """Dice by initial rank, the spread over ranks and the signed change from the lowest to the highest rank.
 
     Both summaries compare families, so they use the same ranks for each: those every family has run. The signed
     change is the paper's question: negative when over-ranking hurts, positive when more rank helps. It is not a
     score, so only the smallest spread is in bold."""
-    used = [r for r in rows if r["base_method"] in RANK_FAMILIES and r["shots"] == RANK_K]
+    used = [r for r in rows if r.method in RANK_FAMILIES and r.shots == RANK_K]
     families = list(RANK_FAMILIES)
     ranks = _family_ranks(used)
-    stats = {f"r={r}": [organ_mean(used, f"{f}-r{r}", RANK_K, organs, "mean_dice") for f in families] for r in ranks}
+    stats = {
+        f"r={r}": [organ_mean(used, method_name(f, r), RANK_K, organs, "mean_dice") for f in families] for r in ranks
+    }
     common = [r for r in ranks if all(stats[f"r={r}"])]
     header, columns = stat_columns([RANK_FAMILIES[f] for f in families], stats, {})
     change = f"r={common[-1]} - r={common[0]}" if len(common) >= 2 else "highest - lowest r"
@@ -341,10 +286,10 @@ def table_ranks(rows: Sequence[dict], organs: list[str]) -> str:
     return markdown_table(header, columns) + f"\n\nSpread and change over {over}.\n\n" + provenance(used)
 
 
-def table_paired(rows: Sequence[dict], organs: list[str], k: int) -> str | None:
+def table_paired(rows: Sequence[ResultRow], organs: list[str], k: int) -> str | None:
     """ARENA's Dice minus LoRA's (each rank) and FFT's on the same seeds, per organ and over organs; None when no
     pair of cells exists. Paired differences: each seed's support scans are shared, so their luck cancels."""
-    at_k = {(r["base_method"], r["rank"] or 0, r["method"]) for r in rows if r["shots"] == k}
+    at_k = {(r.method, r.rank or 0, r.name) for r in rows if r.shots == k}
     arenas = [m for base, _, m in sorted(at_k) if base == "arena"]
     others = [m for base, _, m in sorted(at_k) if base == "lora"] + [m for base, _, m in at_k if base == "fft"]
     pairs = [(a, b) for a in arenas for b in others]
@@ -367,20 +312,20 @@ def table_paired(rows: Sequence[dict], organs: list[str], k: int) -> str | None:
     return markdown_table(["ARENA - other", *columns, "ARENA higher"], [*table, wins])
 
 
-def _mean_of(rows: Sequence[dict], method: str, key: str) -> float | None:
+def _mean_of(rows: Sequence[ResultRow], name: str, key: str) -> float | None:
     """Mean over the method's cells that measured ``key`` (older resumed cells could record a NaN step time)."""
-    values = [r[key] for r in rows if r["method"] == method and r[key] is not None and not math.isnan(r[key])]
+    values = [v for r in rows if r.name == name and (v := getattr(r, key)) is not None and not math.isnan(v)]
     return statistics.fmean(values) if values else None
 
 
-def table_training(rows: Sequence[dict], methods: list[str], shots: list[int]) -> str:
+def table_training(rows: Sequence[ResultRow], methods: list[str], shots: list[int]) -> str:
     """Support loss (the final model's mean loss on its last training batches), last step's loss and steps run,
     mean over each method's cells, per k: whether the methods fit."""
     trained = [m for m in methods if m != ZERO_SHOT]
     columns: list[list[str]] = [trained]
     header = ["Method"]
     for k in shots:
-        at_k = [r for r in rows if r["shots"] == k]
+        at_k = [r for r in rows if r.shots == k]
         for key, label, digits in (
             ("support_loss", "support loss", 3),
             ("final_loss", "last-step loss", 3),
@@ -391,18 +336,18 @@ def table_training(rows: Sequence[dict], methods: list[str], shots: list[int]) -
             header.append(f"{label} k={k}")
         stopped = []
         for m in trained:
-            flags = [r["stopped_early"] for r in at_k if r["method"] == m and r["stopped_early"] is not None]
+            flags = [r.stopped_early for r in at_k if r.name == m and r.stopped_early is not None]
             stopped.append(f"{sum(flags)}/{len(flags)}" if flags else MISSING)
         columns.append(stopped)
         header.append(f"stopped early k={k}")
     return markdown_table(header, columns)
 
 
-def table_efficiency(rows: Sequence[dict], methods: list[str]) -> str:
-    methods = [m for m in methods if m != ZERO_SHOT and any(r["method"] == m for r in rows)]
+def table_efficiency(rows: Sequence[ResultRow], methods: list[str]) -> str:
+    methods = [m for m in methods if m != ZERO_SHOT and any(r.name == m for r in rows)]
     if not methods:
         return "No trained cell finished yet."
-    rank_of = {r["method"]: r["rank"] for r in rows}
+    rank_of = {r.name: r.rank for r in rows}
     columns: list[list[str]] = [methods]
     header = ["Method"]
     for key, label, digits, scale in (
@@ -417,11 +362,11 @@ def table_efficiency(rows: Sequence[dict], methods: list[str]) -> str:
         header.append(label)
         ratios = []
         for m, v in zip(methods, values, strict=True):
-            lora = _mean_of(rows, f"lora-r{rank_of[m]}", key) if rank_of[m] is not None else None
+            lora = _mean_of(rows, method_name("lora", rank_of[m]), key) if rank_of[m] is not None else None
             ratios.append(None if v is None or not lora else v / lora)
         columns.append([MISSING if q is None else f"{q:.2f}x" for q in ratios])
         header.append(f"{label} vs LoRA same r")
-    columns.append([str(sum(r["method"] == m for r in rows)) for m in methods])
+    columns.append([str(sum(r.name == m for r in rows)) for m in methods])
     header.append("cells")
     return markdown_table(header, columns)
 
@@ -433,12 +378,12 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_dice_vs_rank(rows: Sequence[dict], organs: list[str], title: str, path: Path) -> Path | None:
+def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, path: Path) -> Path | None:
     """LoRA and ARENA Dice (mean over ``organs``) against the initial rank at k = RANK_K, seed std as bars."""
     ranks = _family_ranks(rows)
     lines = {}
     for family, label in RANK_FAMILIES.items():
-        points = [(r, s) for r in ranks if (s := organ_mean(rows, f"{family}-r{r}", RANK_K, organs, "mean_dice"))]
+        points = [(r, s) for r in ranks if (s := organ_mean(rows, method_name(family, r), RANK_K, organs, "mean_dice"))]
         if points:
             lines[label] = points
     if not lines:
@@ -461,7 +406,7 @@ def plot_dice_vs_rank(rows: Sequence[dict], organs: list[str], title: str, path:
 
 
 def plot_dice_vs_params(
-    rows: Sequence[dict], methods: list[str], organs: list[str], title: str, path: Path
+    rows: Sequence[ResultRow], methods: list[str], organs: list[str], title: str, path: Path
 ) -> Path | None:
     """The paper's Fig. 1b: Dice (mean over ``organs``) against trainable parameters (log x), one marker per
     method; zero-shot (nothing trained) is a horizontal line."""
@@ -490,36 +435,36 @@ def plot_dice_vs_params(
     return _save(fig, path)
 
 
-def learned_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[tuple[str, str], float]:
+def learned_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> dict[tuple[str, str], float]:
     """(layer, organ) -> active rank (mean over seeds) of one ARENA method at k = RANK_K, from its cells' run.json."""
     ranks: dict[tuple[str, str], list[int]] = {}
     for r in rows:
-        if r["method"] != method or r["shots"] != RANK_K:
+        if r.name != name or r.shots != RANK_K:
             continue
-        run = out / cell_dir(r["track"], method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
+        run = out / cell_dir(r.track, name, r.organ, r.shots, r.seed) / RUN_FILE
         if run.is_file():
             for layer, entry in (RunRecord.read(run).ranks or {}).items():
-                ranks.setdefault((layer, r["organ"]), []).append(entry["active"])
+                ranks.setdefault((layer, r.organ), []).append(entry["active"])
     return {key: statistics.fmean(values) for key, values in ranks.items()}
 
 
-def full_ranks(out: Path, rows: Sequence[dict], method: str) -> dict[str, int]:
+def full_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> dict[str, int]:
     """layer -> full rank (min(in, out) of its update: no more independent components exist) as the method's cells
     recorded it in their rank report (cells from before the field lack it)."""
     found = {}
     for r in rows:
-        run = out / cell_dir(r["track"], method, r["organ"], r["shots"], r["seed"]) / RUN_FILE
-        if r["method"] == method and run.is_file():
+        run = out / cell_dir(r.track, name, r.organ, r.shots, r.seed) / RUN_FILE
+        if r.name == name and run.is_file():
             for layer, entry in RunRecord.read(run).rank_report.get("layers", {}).items():
                 if "full_rank" in entry:
                     found[layer] = entry["full_rank"]
     return found
 
 
-def plot_learned_ranks(out: Path, rows: Sequence[dict], methods: list[str], path: Path) -> Path | None:
+def plot_learned_ranks(out: Path, rows: Sequence[ResultRow], methods: list[str], path: Path) -> Path | None:
     """One heatmap (layers x organs) per ARENA method, on shared axes so that the methods compare at a glance; a +
     marks a layer that keeps more active components than its full rank (the excess adds no new direction)."""
-    arena = [m for m in methods if any(r["method"] == m and r["base_method"] == "arena" for r in rows)]
+    arena = [m for m in methods if any(r.name == m and r.method == "arena" for r in rows)]
     maps = {m: found for m in arena if (found := learned_ranks(out, rows, m))}
     if not maps:
         return None
@@ -545,9 +490,9 @@ def plot_learned_ranks(out: Path, rows: Sequence[dict], methods: list[str], path
     return _save(fig, path)
 
 
-def _group_key(row: dict) -> tuple[str, str]:
+def _group_key(row: ResultRow) -> tuple[str, str]:
     """(protocol, precision): rows recorded before these columns are v1's, trained in fp32."""
-    return row["protocol"] or V1, row["precision"] or DEFAULT_PRECISION
+    return row.protocol or V1, row.precision or DEFAULT_PRECISION
 
 
 def _sort_groups(keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -560,19 +505,19 @@ def _sort_tracks(names: Iterable[str]) -> list[str]:
 
 
 def track_section(
-    out: Path, rows: list[dict], track: str, group: tuple[str, str], organs: list[str], why: str, slug: str
+    out: Path, rows: list[ResultRow], track: str, group: tuple[str, str], organs: list[str], why: str, slug: str
 ) -> list[str]:
     """Every table and plot of one track within one (protocol, precision) group."""
     methods = method_order(rows, track)
     title = f"{track} track, {group[0]} {group[1]}"
-    shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT}) or [RANK_K]  # zero-shot alone: k = 5
+    shots = sorted({r.shots for r in rows if r.name != ZERO_SHOT}) or [RANK_K]  # zero-shot alone: k = 5
     shots = [k for k in shots if k == RANK_K] + [k for k in shots if k != RANK_K]  # k = 5 first
-    used = [r for r in rows if r["organ"] in organs]
+    used = [r for r in rows if r.organ in organs]
     listed = ", ".join(organs) or MISSING
     parts = [f"## {title}", "", f"Organs of the means: {listed} ({why}). Mean ± std over seeds.", ""]
     zero = " Zero-shot (nothing trained, one cell per organ) is every k's first row." if ZERO_SHOT in methods else ""
     for k in shots:
-        at_k = [r for r in used if r["shots"] in (k, 0)]
+        at_k = [r for r in used if r.shots in (k, 0)]
         parts += [
             f"### {title}: Dice (%) per organ, k={k}",
             "",
@@ -594,9 +539,9 @@ def track_section(
             provenance(used),
             "",
         ]
-    if any(r[col] is not None for r in used for col in ("mean_dice_lcc", "mean_nsd")):
+    if any(getattr(r, col) is not None for r in used for col in ("mean_dice_lcc", "mean_nsd")):
         for k in shots:
-            at_k = [r for r in used if r["shots"] in (k, 0)]
+            at_k = [r for r in used if r.shots in (k, 0)]
             parts += [
                 f"### {title}: with and without largest-component post-processing, k={k}",
                 "",
@@ -630,7 +575,7 @@ def track_section(
                 "",
                 paired_table,
                 "",
-                provenance([r for r in used if r["shots"] == k and r["base_method"] in ("arena", "lora", "fft")]),
+                provenance([r for r in used if r.shots == k and r.method in ("arena", "lora", "fft")]),
                 "",
             ]
     parts += [
@@ -643,7 +588,7 @@ def track_section(
         "",
         table_training(used, methods, shots),
         "",
-        provenance([r for r in used if r["method"] != ZERO_SHOT]),
+        provenance([r for r in used if r.name != ZERO_SHOT]),
         "",
         f"### {title}: efficiency",
         "",
@@ -653,7 +598,7 @@ def track_section(
         "",
         table_efficiency(used, methods),
         "",
-        provenance([r for r in used if r["method"] != ZERO_SHOT]),
+        provenance([r for r in used if r.name != ZERO_SHOT]),
         "",
         f"### {title}: plots",
         "",
@@ -691,19 +636,17 @@ def write_report(
                 f"{out} holds no {RESULTS_FILE} and no {CELLS_DIR}/: run `arenaseg bench --out {out}`"
             )
         rebuild_results(out)
-    rows = read_results(out / RESULTS_FILE)
-    for row in rows:
-        row["track"] = row["track"] or UNRECORDED
+    rows = [replace(r, track=r.track or UNRECORDED) for r in read_results(out / RESULTS_FILE)]
     if not rows:
         raise UserError(f"{out / RESULTS_FILE} lists no finished cell yet")
     if tracks is not None:
-        present = _sort_tracks({r["track"] for r in rows})
+        present = _sort_tracks({r.track for r in rows})
         unknown = [t for t in tracks if t not in present]
         if unknown or not tracks:
             raise UserError(f"tracks {unknown or tracks} have no finished cell in {out}; present: {', '.join(present)}")
-        rows = [r for r in rows if r["track"] in tracks]
+        rows = [r for r in rows if r.track in tracks]
     if organs is not None:
-        present = ordered_organs(r["organ"] for r in rows)
+        present = ordered_organs(r.organ for r in rows)
         unknown = [o for o in organs if o not in present]
         if unknown or not organs:
             raise UserError(f"organs {unknown or organs} have no finished cell in {out}; present: {', '.join(present)}")
@@ -722,9 +665,9 @@ def write_report(
     ]
     for group in groups:
         in_group = [r for r in rows if _group_key(r) == group]
-        for track in _sort_tracks({r["track"] for r in in_group}):
-            track_rows = [r for r in in_group if r["track"] == track]
-            chosen = [o for o in organs or () if any(r["organ"] == o for r in track_rows)]
+        for track in _sort_tracks({r.track for r in in_group}):
+            track_rows = [r for r in in_group if r.track == track]
+            chosen = [o for o in organs or () if any(r.organ == o for r in track_rows)]
             if chosen:
                 why = "chosen with --organs"
             else:

@@ -8,24 +8,24 @@ So a bench killed at any moment and started again loses and duplicates nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from arenaseg.adapters.config import AdaptOptions
+from arenaseg.adapters.config import GATE_OPTIONS, AdaptOptions
 from arenaseg.bench.grid import ERROR_FILE, Cell, copy_cell_results, rebuild_results
 from arenaseg.data.preprocess import file_digest, settings_key
 from arenaseg.models.registry import model_file
-from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt
-from arenaseg.run_record import RunRecord
+from arenaseg.pipeline import CHECKPOINT_FILE, RUN_FILE, AdaptJob, run_adapt, run_identity
+from arenaseg.run_record import RunIdentity, RunRecord
 from arenaseg.train.loop import recorded_settings
 from arenaseg.utils.atomic import write_text
 from arenaseg.utils.device import device_kind, resolve_device
+from arenaseg.utils.differences import first_difference
 from arenaseg.utils.errors import UserError
 
 # AdaptJob fields that the cell (or the runner) decides; job_overrides may set any other field.
@@ -103,82 +103,36 @@ def cell_job(cell: Cell, out: str | os.PathLike, overrides: dict | None = None) 
     )
 
 
-def _plain(value):
-    """JSON's view of a value (tuples become lists), so a job compares equal to the run.json it wrote."""
-    return json.loads(json.dumps(value))
-
-
 def model_digest(name_or_path: str) -> str | None:
     """sha256 of the model's weights file: results of an earlier version of a model of that name never count."""
     path = model_file(name_or_path)
     return file_digest(path) if path is not None else None
 
 
-def job_signature(job: AdaptJob) -> dict:
-    """What a finished run must share with ``job`` to count as this job's result (not where or when it ran): every
-    method option (as the run records them, total_steps included), the training and preprocessing settings, the
-    model's weights, the protocol and the track."""
-    settings = dataclasses.replace(job.train, seed=job.seed)
-    return _plain(
-        {
-            "method": job.method,
-            **_trained_under(
-                job.method, asdict(dataclasses.replace(job.options, total_steps=settings.steps)), asdict(settings)
-            ),
-            "track": job.track,
-            "protocol": job.protocol,
-            "organ": job.organ,
-            "shots": job.shots,
-            "seed": job.seed,
-            "model": job.model,
-            "model_sha256": model_digest(job.model),
-            "test_cases": job.test_cases,
-            "support_cases": job.support_cases,
-            "preprocess": settings_key(job.preprocess.to_dict()),
-        }
-    )
-
-
-def _trained_under(method: str, options: dict, train: dict) -> dict:
-    """The method options and training settings that shape a result: all of them, except for a zero-shot row,
-    which trains nothing and depends only on the precision it is evaluated in."""
-    if method == "zero-shot":
-        return {"train": {"precision": train.get("precision")}, "options": None}
-    return {"train": train, "options": options}  # train first: its steps also set options.total_steps
+def cell_signature(identity: RunIdentity, explicit_support: bool) -> dict:
+    """The part of a run's identity that a finished run must share with a job to count as its result, read alike
+    from both: a run recorded before the precision setting trained in fp32; a zero-shot row trains nothing and
+    depends only on the precision it is evaluated in; ARENA's gate options shape no other method's result (so a
+    LoRA cell counts under any λ); a drawn support set is a function of (organ, k, seed), so support cases count
+    only where the job lists its own."""
+    signature = identity.to_dict()
+    train = recorded_settings(signature["train"])
+    if identity.method == "zero-shot":
+        train, signature["options"] = {"precision": train["precision"]}, None
+    elif identity.method != "arena":
+        signature["options"] = {k: v for k, v in signature["options"].items() if k not in GATE_OPTIONS}
+    signature["train"] = train
+    signature["support_cases"] = signature["support_cases"] if explicit_support else None
+    signature["preprocess"] = settings_key(signature["preprocess"])
+    return signature
 
 
 def signature_mismatch(job: AdaptJob, record: RunRecord) -> str | None:
     """The first setting in which a finished cell's ``record`` differs from ``job``, as a message; None when it
     fits."""
-    expected = job_signature(job)
-    actual = {
-        "method": record.method,
-        # an older cell, recorded before the precision setting, counts as fp32
-        **_trained_under(record.method, record.options, recorded_settings(record.train)),
-        "track": record.track,
-        "protocol": record.protocol,
-        "organ": record.organ,
-        "shots": record.shots,
-        "seed": record.seed,
-        "model": record.model,
-        "model_sha256": record.model_sha256,
-        "test_cases": record.test_cases,
-        # a drawn support set is a function of (organ, k, seed), compared above; an explicit one must match
-        "support_cases": record.support_cases if job.support_cases is not None else None,
-        "preprocess": settings_key(record.preprocess),
-    }
-    actual = _plain(actual)  # a record as run_adapt returns it, or as run.json holds it
-    for key, want in expected.items():
-        have = actual[key]
-        if have != want:
-            if isinstance(have, dict) and isinstance(want, dict):
-                key, (have, want) = next(
-                    (f"{key}.{k}", (have.get(k), want.get(k)))
-                    for k in sorted({*have, *want})
-                    if have.get(k) != want.get(k)
-                )
-            return f"{key} is {have!r} there, {want!r} in this bench"
-    return None
+    explicit = job.support_cases is not None
+    expected = cell_signature(run_identity(job, model_sha256=model_digest(job.model)), explicit)
+    return first_difference(cell_signature(RunIdentity.of(record), explicit), expected, now="in this bench")
 
 
 def run_cell(job: AdaptJob) -> str | None:

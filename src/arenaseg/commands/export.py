@@ -1,23 +1,19 @@
-"""The `arenaseg export` command (its parser and its job), kept beside the code it runs so that cli.py only adds it."""
+"""`arenaseg export`: ship a finished run as a MONAI bundle or a merged foundation model."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from arenaseg.commands import add_threads
+from arenaseg.deploy.bundle import INFERENCE
+from arenaseg.deploy.export import FORMATS, MERGED_FILE, export_run
 from arenaseg.evaluate.inference import KEEP_LARGEST_COMPONENT
+from arenaseg.pipeline import RUN_FILE
+from arenaseg.run_record import RunRecord
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def add_export_parser(sub) -> None:
-    from arenaseg.deploy.export import FORMATS
-
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="ship a finished run: a MONAI bundle, or our own merged foundation file (adapters folded into W0)",
@@ -43,16 +39,11 @@ def add_export_parser(sub) -> None:
         help="monai-bundle: keep only the largest connected component of each mask, as predict does "
         "(default: %(default)s)",
     )
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.set_defaults(func=cmd_export)
+    add_threads(p)
+    p.set_defaults(func=run)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from arenaseg.deploy.bundle import INFERENCE
-    from arenaseg.deploy.export import MERGED_FILE, export_run
-    from arenaseg.pipeline import RUN_FILE
-    from arenaseg.run_record import RunRecord
-
+def run(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.format, args.out, args.overwrite, args.largest_component)
     organ = RunRecord.read(Path(args.run) / RUN_FILE).organ
     if args.format == "monai-bundle":

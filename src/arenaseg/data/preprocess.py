@@ -46,6 +46,7 @@ from monai.transforms import (
 from arenaseg.data.datasets import Case, Dataset
 from arenaseg.utils.dataclass_json import from_json
 from arenaseg.utils.errors import UserError
+from arenaseg.utils.settings import described, is_number, rule
 
 INTENSITY_MODES = ("ct", "percentile", "zscore")
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # Orientationd's meaning of "RAS", passed to silence its warning
@@ -55,13 +56,45 @@ PERCENTILES = (0.5, 99.5)  # "percentile": these percentiles of each image becom
 PERCENTILE_BODY_THRESHOLD = 0.1
 
 
+# The command line's largest patch side: a 512^3 patch already outgrows any GPU.
+MAX_PATCH = 512
+
+
+def _patch_side(side: int) -> bool:
+    return 64 <= side <= MAX_PATCH and side % 32 == 0
+
+
 @dataclass(frozen=True)
 class PreprocessSettings:
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    """How scans become training patches. The spacing and patch rules are the command line's (``cube``: one number
+    for all three axes); the library takes any size, e.g. the tests' tiny patches."""
+
+    spacing: tuple[float, float, float] = rule(
+        (3.0, 3.0, 3.0),
+        "> 0 and finite",
+        lambda v: is_number(v) and v > 0,
+        "isotropic resampling spacing in mm",
+        parse=float,
+        cube=True,
+    )
     window: tuple[float, float] = (-125.0, 275.0)  # HU, used by intensity "ct" only
-    patch_size: tuple[int, int, int] = (64, 64, 64)
+    patch_size: tuple[int, int, int] = rule(
+        (64, 64, 64),
+        f"a multiple of 32 from 64 to {MAX_PATCH} (Swin-UNETR downsamples 32x, and its bottleneck normalisation "
+        "needs more than one voxel)",
+        _patch_side,
+        "cubic patch side in voxels, multiple of 32",
+        parse=int,
+        cube=True,
+        flag="--patch",
+    )
     body_threshold: float = 0.02  # on the [0, 1] scale: air and everything below the window is 0
-    intensity: str = "ct"
+    intensity: str = described(
+        "ct",
+        help="intensity scaling: ct = the HU window [-125, 275] -> [0, 1]; percentile = each image's 0.5-99.5 %% "
+        "percentiles -> [0, 1] (MRI, PET, shifted CT); zscore = each image's non-zero voxels to mean 0, std 1",
+        choices=INTENSITY_MODES,
+    )
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_MODES:

@@ -9,7 +9,6 @@ that every organ is predicted on the same voxels. Two runs of one organ are refu
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from arenaseg.data.preprocess import PreprocessSettings
 from arenaseg.deploy.merge import check_finished
 from arenaseg.evaluate.inference import predict_volume, write_like
 from arenaseg.models.registry import organ_key
-from arenaseg.pipeline import RUN_FILE, check_outputs, load_run, predict_inputs
+from arenaseg.pipeline import RUN_FILE, load_run
 from arenaseg.run_record import RunRecord
 from arenaseg.utils.atomic import write_json
 from arenaseg.utils.errors import UserError
@@ -137,43 +136,3 @@ def predict_organs(
         if report is not None:
             report(written[-1])
     return written
-
-
-def cmd_predict_organs(args: argparse.Namespace) -> int:
-    """`arenaseg predict` with several --run: the inputs and outputs as for one run, plus the label-map JSON."""
-    if args.model is not None or args.organ is not None:
-        raise UserError("predict with several --run takes no --model or --organ: each run names its organ")
-    run_dirs = [Path(r) for r in args.run]
-    src, dst = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise FileNotFoundError(f"input not found: {src}")
-    if src.is_dir():
-        inputs = predict_inputs(src)
-        if not inputs:
-            raise UserError(f"no .nii/.nii.gz files in {src}")
-        outputs = [dst / p.name.replace("_0000.nii", ".nii") for p in inputs]
-        if dst.resolve() == src.resolve() or dst.is_file():
-            raise UserError(f"--output {dst} must be a folder other than the input folder {src}")
-        labels_file = dst / LABELS_FILE
-    else:
-        if not dst.name.endswith((".nii.gz", ".nii")):
-            raise UserError(f"--output {dst}: give a .nii.gz file name for one input file")
-        inputs, outputs = [src], [dst]
-        labels_file = dst.with_name(dst.name.split(".nii")[0] + ".json")
-    check_runs(run_dirs)
-    protected = [p for d in run_dirs if d.is_dir() for p in (d, *d.iterdir())]
-    check_outputs(inputs, outputs, [*protected, *([src] if src.is_dir() else [])])
-    check_labels_file(labels_file, [*inputs, *protected])
-    written = predict_organs(
-        run_dirs,
-        inputs,
-        outputs,
-        labels_file,
-        args.device,
-        args.largest_component,
-        args.precision,
-        report=lambda path: print(f"wrote {path}", flush=True),
-    )
-    organs = ", ".join(k for k in label_map(check_runs(run_dirs)[0]) if k != "background")
-    print(f"predict: {len(written)} label maps of {organs} in {written[0].parent}; label values in {labels_file}")
-    return 0

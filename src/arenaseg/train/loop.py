@@ -18,36 +18,52 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
-from arenaseg.adapters.config import Config, OptimizerSettings, choice, flag, integer, number, same_as
+from arenaseg.adapters.config import OptimizerSettings
 from arenaseg.adapters.tuners import AdaptedModel
 from arenaseg.data.sampling import PatchSampler
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
+from arenaseg.utils.differences import first_difference
 from arenaseg.utils.errors import UserError
-from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, grad_scaler
+from arenaseg.utils.precision import (
+    DEFAULT_PRECISION,
+    PRECISION_HELP,
+    PRECISIONS,
+    autocast,
+    check_precision,
+    grad_scaler,
+)
+from arenaseg.utils.settings import Config, choice, flag, integer, number, same_as
 
 
 @dataclass(frozen=True)
 class TrainSettings(Config):
     """One global default for every method, organ and k (BENCHMARK.md forbids per-task tuning); checked by the
-    configs' one validator (``arenaseg.adapters.config``), as a UserError: these come from the command line."""
+    settings' one validator (``arenaseg.utils.settings``), as a UserError: these come from the command line."""
 
     error = UserError
 
-    steps: int = integer(300, 1)  # protocol v2's probe choice: benchmarks/results/probe/README.md
-    patches_per_step: int = integer(2, 1)
+    steps: int = integer(300, 1, help="optimizer steps")  # protocol v2's probe choice: benchmarks/results/probe/
+    patches_per_step: int = integer(2, 1, help="patches per step")
     lr: float = same_as(OptimizerSettings, "lr")
     head_lr_scale: float = same_as(OptimizerSettings, "head_lr_scale")
     weight_decay: float = same_as(OptimizerSettings, "weight_decay")
-    warmup_steps: int = integer(10, 0)
+    warmup_steps: int = integer(10, 0, help="warm-up steps before cosine decay", flag="--warmup")
     # Dice + CE keeps a new organ's logits < 0: benchmarks/results/step_budget_v3_*.md
-    cross_entropy: bool = flag(False)
-    checkpoint_every: int = integer(25, 1)
-    stop_patience: int = integer(0, 0)
-    stop_min_delta: float = number(1e-3, 0.0)
+    cross_entropy: bool = flag(
+        False,
+        help="add binary cross-entropy to the Dice loss (nnU-Net's loss); within 100 steps on a small new organ it "
+        "keeps every logit below 0, so the default trains on Dice alone",
+    )
+    checkpoint_every: int = integer(25, 1, help="steps between resume checkpoints")
+    stop_patience: int = integer(
+        0,
+        0,
+        help="stop once the smoothed training loss has not improved for this many steps; 0 = the step cap alone",
+    )
+    stop_min_delta: float = number(1e-3, 0.0, help="the improvement that --stop-patience counts")
     seed: int = 0
-    # fp32 | bf16 | fp16 autocast: arenaseg.utils.precision says why fp32
-    precision: str = choice(DEFAULT_PRECISION, PRECISIONS)
+    precision: str = choice(DEFAULT_PRECISION, PRECISIONS, help=PRECISION_HELP)
 
 
 class PlateauStop:
@@ -90,9 +106,13 @@ def train_adapter(
     settings: TrainSettings,
     checkpoint: Path,
     on_step: Callable[[int, float], None] | None = None,
+    identity: dict | None = None,
 ) -> TrainResult:
     """Run (or resume) the loop; the progress bar shows the loss and the method's ``progress()`` fields.
-    ``on_step(steps_done, loss)`` runs after every step, before its checkpoint (e.g. a probe's measurements)."""
+    ``on_step(steps_done, loss)`` runs after every step, before its checkpoint (e.g. a probe's measurements).
+    ``identity`` (JSON-able; default: the training settings and method options, keys ``train`` and ``options``) is
+    stored in the checkpoint, which resumes only under the same."""
+    identity = _plain(identity or {"train": asdict(settings), "options": adapted.options.to_dict()})
     model = adapted.model
     device = next(model.parameters()).device
     check_precision(settings.precision, device)
@@ -104,7 +124,7 @@ def train_adapter(
     start, step_times, loss_value, stopped, earlier_times = 0, [], float("nan"), False, []
     if checkpoint.exists():
         start, loss_value, earlier_times = _load_checkpoint(
-            checkpoint, adapted, optimizer, scheduler, stopper, settings, scaler
+            checkpoint, adapted, optimizer, scheduler, stopper, identity, scaler
         )
     model.train()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"adapt {adapted.method}")
@@ -123,8 +143,9 @@ def train_adapter(
             on_step(done, loss_value)
         if stopped or done % settings.checkpoint_every == 0 or done == settings.steps:
             times = earlier_times + step_times
+            at = settings.steps if stopped else done  # a stopped run resumes as finished
             _save_checkpoint(
-                checkpoint, adapted, optimizer, scheduler, stopper, settings, done, loss_value, stopped, times, scaler
+                checkpoint, adapted, optimizer, scheduler, stopper, identity, at, loss_value, times, scaler
             )
         if stopped:
             bar.write(f"stopping at step {done}: training loss plateaued for {settings.stop_patience} steps")
@@ -218,9 +239,7 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(
-    path, adapted, optimizer, scheduler, stopper, settings, step, loss, stopped, step_seconds, scaler
-) -> None:
+def _save_checkpoint(path, adapted, optimizer, scheduler, stopper, identity, step, loss, step_seconds, scaler) -> None:
     state = {
         "trainable": trainable_tensors(adapted.model),
         "optimizer": optimizer.state_dict(),
@@ -228,9 +247,8 @@ def _save_checkpoint(
         "stopper": stopper.state_dict(),
         "grad_scaler": scaler.state_dict(),  # fp16's loss scale; empty otherwise
         "method_state": adapted.extra_state(),
-        "settings": asdict(settings),
-        "options": _plain(adapted.options.to_dict()),  # a resume must not train under other method options
-        "step": step if not stopped else settings.steps,
+        "identity": identity,
+        "step": step,
         "loss": loss,
         "step_seconds": list(step_seconds),  # every step's time so far, so that a resumed run reports them all
         "train_seconds": sum(step_seconds),
@@ -239,22 +257,27 @@ def _save_checkpoint(
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, settings, scaler) -> tuple[int, float, list[float]]:
+def read_checkpoint(path: Path, identity: dict) -> dict:
+    """A resume checkpoint's state, refused unless it was written under ``identity`` (compared on the keys it
+    stored: one written before checkpoints held an identity stored its training settings and method options)."""
     from arenaseg.models.checkpoints import load_torch_file
 
     state = load_torch_file(path)
-    if not isinstance(state, dict) or "settings" not in state:
+    if not isinstance(state, dict) or not ("identity" in state or "settings" in state):
         raise UserError(f"{path} is not a resume checkpoint of arenaseg adapt; remove it or pass --overwrite")
-    if recorded_settings(state["settings"]) != asdict(settings):
-        raise UserError(f"{path} was written with other training settings ({state['settings']}); cannot resume")
-    options = _plain(adapted.options.to_dict())
-    changed = sorted(k for k in options if state.get("options", {}).get(k) != options[k])
-    if changed:
-        saved = {k: state.get("options", {}).get(k) for k in changed}
+    saved = state.get("identity") or {"train": state["settings"], "options": state.get("options")}
+    saved = {**saved, "train": recorded_settings(saved["train"])}
+    change = first_difference(saved, {key: identity.get(key) for key in saved})
+    if change:
         raise UserError(
-            f"{path} was trained with other method options ({saved}; now { ({k: options[k] for k in changed}) }): "
-            "resume with the options it started with, or start over"
+            f"{path} belongs to a run started with other settings ({change}); resume it with the settings it "
+            "started with, or pass --overwrite to start anew"
         )
+    return state
+
+
+def _load_checkpoint(path, adapted, optimizer, scheduler, stopper, identity, scaler) -> tuple[int, float, list[float]]:
+    state = read_checkpoint(path, identity)
     params = dict(adapted.model.named_parameters())
     missing = sorted(set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:

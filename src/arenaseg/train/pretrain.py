@@ -17,7 +17,6 @@ from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from arenaseg.adapters.config import Config, choice, integer, number
 from arenaseg.data.datasets import Dataset
 from arenaseg.data.preprocess import (
     PreprocessSettings,
@@ -35,8 +34,16 @@ from arenaseg.train.loop import recorded_settings
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
 from arenaseg.utils.errors import UserError
-from arenaseg.utils.precision import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, grad_scaler
+from arenaseg.utils.precision import (
+    DEFAULT_PRECISION,
+    PRECISION_HELP,
+    PRECISIONS,
+    autocast,
+    check_precision,
+    grad_scaler,
+)
 from arenaseg.utils.provenance import device_name, git_commit
+from arenaseg.utils.settings import Config, choice, described, integer, number
 
 
 @dataclass
@@ -51,22 +58,36 @@ SAMPLINGS = ("class-balanced", "pos-neg")
 
 @dataclass(frozen=True)
 class PretrainSettings(Config):
-    """Checked by the configs' one validator (``arenaseg.adapters.config``), as a UserError."""
+    """Checked by the settings' one validator (``arenaseg.utils.settings``), as a UserError."""
 
     error = UserError
 
-    steps: int = integer(1500, 1)
-    patches_per_step: int = integer(2, 1)
-    lr: float = number(5e-4, 0.0, above=True)
-    weight_decay: float = number(1e-5, 0.0)
-    warmup_steps: int = integer(50, 0)
-    checkpoint_every: int = integer(50, 1)
-    seed: int = 0
-    feature_size: int = integer(12, 1)
-    save_dtype: str = "float32"
-    sampling: str = choice("class-balanced", SAMPLINGS)
-    init: str = ""  # a model to continue from (built-in name or our .safetensors); "" = random initialisation
-    precision: str = choice(DEFAULT_PRECISION, PRECISIONS)  # fp32 | bf16 | fp16 autocast (arenaseg.utils.precision)
+    steps: int = integer(1500, 1, help="optimizer steps")
+    patches_per_step: int = integer(2, 1, help="patches per step per process")
+    lr: float = number(5e-4, 0.0, above=True, help="AdamW peak learning rate")
+    weight_decay: float = number(1e-5, 0.0, help="AdamW weight decay")
+    warmup_steps: int = integer(50, 0, help="linear warm-up steps before cosine decay", flag="--warmup")
+    checkpoint_every: int = integer(50, 1, help="steps between atomic resume checkpoints")
+    seed: int = integer(0, 0, help="seed for initialisation and patch sampling")
+    feature_size: int = integer(12, 1, help="Swin-UNETR feature size (the default is the CPU preset)")
+    save_dtype: str = choice(
+        "float32",
+        ("float32", "float16"),
+        help="dtype of the stored weights; float16 halves the file, loading casts back",
+    )
+    sampling: str = choice(
+        "class-balanced",
+        SAMPLINGS,
+        help="patch centres: class-balanced = half background, half shared equally by the organs; pos-neg = "
+        "foreground:background 1:1, so large organs dominate",
+    )
+    init: str = described(
+        "",
+        help="continue pretraining from this model (built-in name or our .safetensors; same classes and "
+        "architecture), with a fresh schedule; empty = random initialisation",
+        default_text="empty",
+    )
+    precision: str = choice(DEFAULT_PRECISION, PRECISIONS, help=PRECISION_HELP)
 
 
 def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:

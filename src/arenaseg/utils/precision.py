@@ -19,6 +19,11 @@ from arenaseg.utils.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"  # on every device, for the reasons above
+PRECISION_HELP = (
+    "autocast precision of the forward pass and loss: fp32 (none), bf16, or fp16 (with loss scaling); weights and "
+    "optimizer states stay float32. fp32 on every device until bf16's Dice parity is measured; fp16 is slow on CPUs "
+    "without half-precision kernels"
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
