@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from arenaseg.adapters import AdaptOptions
-from arenaseg.commands import add_preprocess, add_training, preprocess_from, training_from
+from arenaseg.commands import add_device, add_preprocess, add_training, preprocess_from, training_from
 from arenaseg.pipeline import AdaptJob, run_adapt
 from arenaseg.run_record import RunRecord
 from arenaseg.utils.settings import add_arguments, from_arguments
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     add_arguments(p, AdaptOptions, OPTION_FIELDS, decoder="auto")
     add_training(p)
     add_preprocess(p)
-    add_arguments(p, AdaptJob, ["device"])
+    add_device(p)
     p.set_defaults(func=run)
 
 

@@ -35,10 +35,8 @@ def is_number(value: object) -> bool:
 def described(default: Any = REQUIRED, help: str = "", **cli: Any) -> Any:
     """A field with its command-line declaration: ``help``, and optionally ``flag`` (the option's name when it is
     not the field's), ``parse`` (text -> value), ``choices``, ``cube`` (one number on the command line for a
-    3-tuple) and ``default_text`` (what the help says of a default such as None)."""
-    factory = cli.pop("default_factory", REQUIRED)
-    if factory is not REQUIRED:
-        return field(default_factory=factory, metadata={"help": help, **cli})
+    3-tuple), ``default_text`` (what the help says of a default such as None) and ``negatable`` (False: a switch
+    with no --no- form)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
