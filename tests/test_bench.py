@@ -52,6 +52,7 @@ RESULT_KEYS = (
     "mean_dice",
     "mean_hd95",
     "trainable_params",
+    "active_params",
     "active_rank_total",
     "active_adapter_params",
     "adapter_bytes",
@@ -295,6 +296,14 @@ def test_rerun_with_other_settings_is_refused_before_running(grid, in_process):
     with pytest.raises(UserError, match=refused):
         run_bench(cells, out, job_overrides=other)
     assert (out / RESULTS_FILE).read_text() == before
+
+
+def test_results_record_the_parameters_a_method_keeps(in_process):
+    """The frontier's x: all of LP's trainable parameters, ARENA's after pruning (never more than it trained)."""
+    out, _ = in_process
+    rows = {r["method"]: r for r in read_rows(out)}
+    assert int(rows["lp"]["active_params"]) == int(rows["lp"]["trainable_params"]) > 0
+    assert 0 < int(rows["arena"]["active_params"]) <= int(rows["arena"]["trainable_params"])
 
 
 def test_committed_results_count_as_finished(grid, in_process, tmp_path):

@@ -381,6 +381,7 @@ def result_row(record: RunRecord) -> ResultRow:
         seed=record.seed,
         **{metric: getattr(record, metric) for metric in METRICS},
         trainable_params=record.trainable_params,
+        active_params=record.active_params,
         active_rank_total=record.active_rank_total,
         active_adapter_params=record.rank_report.get("totals", {}).get("params") if low_rank else None,
         adapter_bytes=record.adapter_bytes,

@@ -352,6 +352,7 @@ def table_efficiency(rows: Sequence[ResultRow], methods: list[str]) -> str:
     header = ["Method"]
     for key, label, digits, scale in (
         ("trainable_params", "trainable params", 0, 1),
+        ("active_params", "params kept", 0, 1),
         ("active_adapter_params", "active adapter params", 0, 1),
         ("adapter_bytes", "adapter KiB", 1, 1024),
         ("seconds_per_step", "s/step", 2, 1),
@@ -408,12 +409,13 @@ def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, 
 def plot_dice_vs_params(
     rows: Sequence[ResultRow], methods: list[str], organs: list[str], title: str, path: Path
 ) -> Path | None:
-    """The paper's Fig. 1b: Dice (mean over ``organs``) against trainable parameters (log x), one marker per
-    method; zero-shot (nothing trained) is a horizontal line."""
+    """The paper's Fig. 1b, the efficiency frontier: Dice (mean over ``organs``) against the parameters a method
+    keeps, after ARENA's pruning (log x; cells recorded before that count read their trainable parameters), one
+    marker per method; zero-shot (nothing trained) is a horizontal line."""
     points = []
     for method in methods:
         dice = organ_mean(rows, method, RANK_K, organs, "mean_dice")
-        params = _mean_of(rows, method, "trainable_params")
+        params = _mean_of(rows, method, "active_params") or _mean_of(rows, method, "trainable_params")
         if dice and params:
             points.append((method, params, dice))
     if not points:
@@ -429,7 +431,7 @@ def plot_dice_vs_params(
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_title(title)
-    ax.set_xlabel("trainable parameters")
+    ax.set_xlabel("trainable parameters kept (after ARENA's pruning)")
     ax.set_ylabel(f"Dice (%), k={RANK_K}, mean over {len(organs)} organs")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -606,7 +608,7 @@ def track_section(
     plots = out / PLOTS_DIR
     figures = {
         "Dice vs initial rank": plot_dice_vs_rank(used, organs, title, plots / f"{slug}_dice_vs_rank.png"),
-        "Dice vs trainable parameters": plot_dice_vs_params(
+        "Dice vs parameters kept": plot_dice_vs_params(
             used, methods, organs, title, plots / f"{slug}_dice_vs_params.png"
         ),
         "Learned rank per adapted layer (ARENA)": plot_learned_ranks(
