@@ -91,7 +91,7 @@ class ArenaConfig(_Scaled, Config):
     rank: int = integer(16, 1, help="initial rank of low-rank methods")
     alpha: float | None = number(None, 0.0, above=True, optional=True)
     target_modules: str | list[str] = targets(DEFAULT_TARGETS)
-    lam: float = number(0.5, 0.0, help="ARENA's l1 weight λ on its gates: larger switches more rank-1 components off")
+    lam: float = number(0.7, 0.0, help="ARENA's l1 weight λ on its gates: larger switches more rank-1 components off")
     rho: float = number(1e-2, 0.0, above=True)
     freeze_pruned: bool = flag(False)
     v_gradient: str = choice("adam", V_GRADIENTS)
