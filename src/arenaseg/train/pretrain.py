@@ -30,20 +30,13 @@ from arenaseg.models.foundation import load_state_strict, save_foundation
 from arenaseg.models.registry import load_model
 from arenaseg.models.swin_unetr import ModelConfig, build_swin_unetr
 from arenaseg.train.distributed import DistInfo, barrier, init_distributed, shutdown
-from arenaseg.train.loop import recorded_settings
+from arenaseg.train.loop import TrainSettings, recorded_settings
 from arenaseg.train.schedule import warmup_cosine
 from arenaseg.utils.atomic import atomic_path
 from arenaseg.utils.errors import UserError
-from arenaseg.utils.precision import (
-    DEFAULT_PRECISION,
-    PRECISION_HELP,
-    PRECISIONS,
-    autocast,
-    check_precision,
-    grad_scaler,
-)
+from arenaseg.utils.precision import DEFAULT_PRECISION, autocast, check_precision, grad_scaler
 from arenaseg.utils.provenance import device_name, git_commit
-from arenaseg.utils.settings import Config, choice, described, integer, number
+from arenaseg.utils.settings import Config, choice, described, integer, number, same_as
 
 
 @dataclass
@@ -87,7 +80,7 @@ class PretrainSettings(Config):
         "architecture), with a fresh schedule; empty = random initialisation",
         default_text="empty",
     )
-    precision: str = choice(DEFAULT_PRECISION, PRECISIONS, help=PRECISION_HELP)
+    precision: str = same_as(TrainSettings, "precision")
 
 
 def label_classes(data: Dataset, organs: Sequence[str]) -> dict[str, int]:
