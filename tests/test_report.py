@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from arenaseg.bench.results import ResultRow, parse_method, read_results
 from arenaseg.cli import main
 from arenaseg.utils.errors import UserError
 
-LAYERS = ("swinViT.layers1.0.blocks.0.attn.qkv", "swinViT.layers1.0.blocks.0.mlp.linear1")
+LAYERS = (
+    "swinViT.layers1.0.blocks.0.attn.qkv",
+    "swinViT.layers1.0.blocks.0.mlp.linear1",
+    "decoder2.conv_block.conv1.conv",
+)
 FULL_RANK = {LAYERS[0]: 12}  # a narrow layer (min(in, out)); the other cells' rank reports predate the field
 TESTS = ["btcv_0036", "btcv_0037"]
 RANKED = ("lora-r4", "lora-r16", "lora-r64", "arena-r4", "arena-r16", "arena-r64")
@@ -89,6 +94,7 @@ def fake_record(track: str, name: str, organ: str, k: int, seed: int, precision:
         record["ranks"] = {layer: {"initial": rank, "active": rng.randint(0, rank)} for layer in LAYERS}
         record["active_rank_total"] = sum(e["active"] for e in record["ranks"].values())
         record["rank_report"]["layers"] = {layer: {"full_rank": full} for layer, full in FULL_RANK.items()}
+    record["active_params"] = rng.randint(trainable // 10, trainable) if method == "arena" else trainable
     return record
 
 
@@ -290,6 +296,89 @@ def test_arena_minus_the_others_is_paired_by_seed(bench):
         assert row[column] == signed(per_seed) + " (n=2)"
     higher = [d for v in diffs.values() for d in v]
     assert row["ARENA higher"] == f"{sum(d > 0 for d in higher)}/8"
+
+
+def per_seed_means(records, track, method, organs, metric="mean_dice", k=5) -> dict[int, float]:
+    """Seed -> the mean over ``organs`` for the seeds where every organ has the method's cell."""
+    seeds = [s for s in (0, 1, 2) if all((track, method, o, k, s) in records for o in organs)]
+    return {s: statistics.fmean(records[track, method, o, k, s][metric] for o in organs) for s in seeds}
+
+
+def signed_fmt(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:+.1f}" if len(values) == 1 else f"{mean:+.1f} ± {statistics.stdev(values):.1f}"
+
+
+def test_the_papers_claims_are_paired_differences_at_k5(bench):
+    """P1-P4: one method minus another on the same seeds (mean over the organs), and their parameters kept."""
+    out, records, _, _ = bench
+    rows = table(section(write_report(out).read_text(), f"base track, {V2}: the paper's claims, P1-P4"))
+    assert [row["here"] for row in rows.values()] == [
+        "lora-r64 - lora-r4",
+        "arena-r64 - arena-r4",
+        "arena-r64 - lora-r64",
+        "arena-r64 - fft",
+    ]
+    p3 = rows["P3"]
+    for column, metric in (("Dice", "mean_dice"), ("Dice LCC", "mean_dice_lcc")):
+        arena, lora = (per_seed_means(records, "base", m, BASE_ORGANS, metric) for m in ("arena-r64", "lora-r64"))
+        assert sorted(arena) == [0, 1]  # arena-r64's stomach lacks seed 2: only two seeds pair
+        assert p3[column] == signed_fmt([arena[s] - lora[s] for s in (0, 1)])
+    assert p3["seeds"] == "2"
+    kept = {
+        m: statistics.fmean(r["active_params"] for key, r in records.items() if key[:2] == ("base", m) and key[3] == 5)
+        for m in ("arena-r64", "lora-r64")
+    }
+    assert p3["params kept, ratio"] == f"{kept['arena-r64'] / kept['lora-r64']:.2f}x"
+    assert float(p3["params kept, ratio"].rstrip("x")) < 1  # the fixture's ARENA keeps a part of its parameters
+
+
+def test_the_lambda_path_compares_the_cells_every_lambda_ran(bench, tmp_path):
+    """Another folder's ARENA cells at another λ: paired with this folder's on the (organ, seed) cells both ran."""
+    source, records, _, _ = bench
+    out, other = tmp_path / "bench", tmp_path / "lam0.3"
+    shutil.copytree(source, out)
+    at_03 = {}
+    for organ in BASE_ORGANS:
+        for seed in (0, 1):  # this folder's arena-r64 lacks the stomach's seed 2; the other folder lacks seed 2
+            key = ("base", "arena-r64", organ, 5, seed)
+            record = fake_record(*key)
+            record["settings"]["options"]["lam"] = 0.3
+            record["mean_dice"] = records[key]["mean_dice"] - 2.0 - seed  # a lower Dice, by a known amount
+            path = other / cell_dir(*key) / "run.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(record))
+            at_03[key] = record
+    rebuild_results(other)
+    assert main(["report", str(out), "--lambda-path", str(other)]) == 0
+    report = (out / "report.md").read_text()
+    rows = table(section(report, f"base track, {V2}: ARENA's λ path, k=5"))
+    assert list(rows) == ["arena-r64, λ 0.05", "arena-r64, λ 0.3"]  # no other ARENA rank has two λs
+    assert rows["arena-r64, λ 0.3"]["cells"] == rows["arena-r64, λ 0.05"]["cells"] == "6"
+    assert rows["arena-r64, λ 0.3"]["Dice"] == fmt(
+        list(per_seed_means(at_03, "base", "arena-r64", BASE_ORGANS).values())
+    )
+    assert rows["arena-r64, λ 0.3"]["Dice - at λ 0.05, paired"] == "-2.5 ± 0.7"  # -2 and -3 on the two seeds
+    assert rows["arena-r64, λ 0.05"]["Dice - at λ 0.05, paired"] == MISSING
+    kept = statistics.fmean(r["active_params"] for r in at_03.values())
+    assert rows["arena-r64, λ 0.3"]["params kept"] == f"{kept:,.0f}"
+    assert (out / "plots" / "base_dice_vs_params.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="no ARENA cell at a λ this report lacks \\(its λs: 0.05\\)"):
+        write_report(out, lambda_path=[source])
+    with pytest.raises(UserError, match="no results.csv there"):
+        write_report(out, lambda_path=[tmp_path])
+
+
+def test_learned_rank_per_layer_family(bench):
+    """Active of initial components per organ, summed over a family's layers (a Swin stage, the conv blocks)."""
+    out, records, _, _ = bench
+    rows = table(section(write_report(out).read_text(), f"novel track, {V2}: learned rank per layer family, k=5"))
+    assert list(rows)[:2] == ["arena-r4, pancreas", "arena-r4, gallbladder"]
+    cells = [records["novel", "arena-r16", "pancreas", 5, s]["ranks"] for s in (0, 1, 2)]
+    swin = statistics.fmean(sum(c[layer]["active"] for layer in LAYERS[:2]) for c in cells)
+    conv = statistics.fmean(c[LAYERS[2]]["active"] for c in cells)
+    assert rows["arena-r16, pancreas"]["Swin stage 1"] == f"{swin:,.0f} of 32 ({100 * swin / 32:.0f} %)"
+    assert rows["arena-r16, pancreas"]["conv blocks"] == f"{conv:,.0f} of 16 ({100 * conv / 16:.0f} %)"
 
 
 def test_training_table_support_loss_last_step_loss_and_steps(bench):

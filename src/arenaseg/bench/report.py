@@ -48,6 +48,19 @@ TRACK_ORDER = ("base", "novel")
 UNRECORDED = "unrecorded"  # the track of rows from before the track column (v1)
 V1 = "v1"  # the protocol of rows from before the protocol column
 V1_REPORT = Path("benchmarks/results/btcv-fs-gpu/report.md")  # v1's committed report, relative to the checkout
+# The paper's claims as predictions on this grid (docs/benchmark.md, "The paper's claims, P1-P4"): (label, method,
+# the method it is compared with, what the paper reports)
+CLAIMS = (
+    ("P1", "lora-r64", "lora-r4", "LoRA loses 6-11 Dice at r = 64 (5-shot base organs)"),
+    ("P2", "arena-r64", "arena-r4", "ARENA loses about 1-3 at r = 64"),
+    (
+        "P3",
+        "arena-r64",
+        "lora-r64",
+        "ARENA at least matches LoRA with fewer parameters (76.8 Dice at 123k, LoRA 75.9 at 138k)",
+    ),
+    ("P4", "arena-r64", "fft", "ARENA comes close to full fine-tuning"),
+)
 # (column, label, lower is better) of the post-processing table: each metric as predicted and after keeping the
 # largest connected component (LCC)
 SURFACE_METRICS = (
@@ -312,6 +325,81 @@ def table_paired(rows: Sequence[ResultRow], organs: list[str], k: int) -> str | 
     return markdown_table(["ARENA - other", *columns, "ARENA higher"], [*table, wins])
 
 
+def table_claims(rows: Sequence[ResultRow], organs: list[str]) -> str:
+    """The paper's claims P1-P4 beside what this grid measured: each as one method's Dice minus another's at
+    k = RANK_K, paired by seed over ``organs``, and the ratio of the parameters they keep. Numbers, not verdicts:
+    docs/benchmark.md says how to read them."""
+    at_k = [r for r in rows if r.shots == RANK_K]
+    lines = []
+    for label, method, other, paper in CLAIMS:
+        raw, lcc = (
+            paired(seed_means(at_k, method, RANK_K, organs, metric), seed_means(at_k, other, RANK_K, organs, metric))
+            for metric in ("mean_dice", "mean_dice_lcc")
+        )
+        kept = [_mean_of(at_k, m, "active_params") for m in (method, other)]
+        ratio = f"{kept[0] / kept[1]:.2f}x" if None not in kept else MISSING
+        diffs = [fmt(stat(raw), signed=True), fmt(stat(lcc), signed=True)]
+        lines.append([label, paper, f"{method} - {other}", *diffs, ratio, str(len(raw))])
+    header = ["claim", "the paper", "here", "Dice", "Dice LCC", "params kept, ratio", "seeds"]
+    return markdown_table(header, list(zip(*lines, strict=True)))
+
+
+def lambda_path(rows: Sequence[ResultRow], name: str, organs: Sequence[str]) -> dict[float, list[ResultRow]]:
+    """λ -> the k = RANK_K cells of the ARENA method ``name`` on ``organs`` at that λ, kept to the (organ, seed)
+    pairs that every λ ran, so that the λs compare on the same support scans; empty below two λs."""
+    by_lam: dict[float, list[ResultRow]] = {}
+    for r in rows:
+        if r.name == name and r.shots == RANK_K and r.organ in organs and r.lam is not None:
+            by_lam.setdefault(r.lam, []).append(r)
+    if len(by_lam) < 2:
+        return {}
+    common = set.intersection(*({(r.organ, r.seed) for r in cells} for cells in by_lam.values()))
+    return {lam: [r for r in by_lam[lam] if (r.organ, r.seed) in common] for lam in sorted(by_lam)}
+
+
+def table_lambda_path(rows: Sequence[ResultRow], others: Sequence[ResultRow], organs: list[str]) -> str | None:
+    """ARENA at each λ (this folder's and the ``others``' cells) on the cells every λ ran: Dice, its paired
+    difference to this folder's λ, and what the λ keeps. None when no ARENA method has two λs."""
+    lines = []
+    for _, name in sorted({(r.rank, r.name) for r in rows if r.method == "arena"}):
+        path = lambda_path([*rows, *others], name, organs)
+        own = {r.lam for r in rows if r.name == name}
+        if not path or len(own) != 1:
+            continue
+        reference = path[own.pop()]
+        for lam, cells in path.items():
+            diff = paired(*(seed_means(c, name, RANK_K, organs, "mean_dice") for c in (cells, reference)))
+            row = [
+                f"{name}, λ {lam:g}",
+                str(len(cells)),
+                fmt(organ_mean(cells, name, RANK_K, organs, "mean_dice")),
+                fmt(organ_mean(cells, name, RANK_K, organs, "mean_dice_lcc")),
+                MISSING if cells is reference else fmt(stat(diff), signed=True),
+            ]
+            for key, digits, scale in (
+                ("active_rank_total", 0, 1),
+                ("active_params", 0, 1),
+                ("adapter_bytes", 1, 1024),
+            ):
+                value = _mean_of(cells, name, key)
+                row.append(MISSING if value is None else f"{value / scale:,.{digits}f}")
+            lines.append(row)
+    if not lines:
+        return None
+    reference_lams = ", ".join(sorted({f"{r.lam:g}" for r in rows if r.method == "arena" and r.lam is not None}))
+    header = [
+        "ARENA",
+        "cells",
+        "Dice",
+        "Dice LCC",
+        f"Dice - at λ {reference_lams}, paired",
+        "active rank",
+        "params kept",
+        "adapter KiB",
+    ]
+    return markdown_table(header, list(zip(*lines, strict=True)))
+
+
 def _mean_of(rows: Sequence[ResultRow], name: str, key: str) -> float | None:
     """Mean over the method's cells that measured ``key`` (older resumed cells could record a NaN step time)."""
     values = [v for r in rows if r.name == name and (v := getattr(r, key)) is not None and not math.isnan(v)]
@@ -407,11 +495,17 @@ def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, 
 
 
 def plot_dice_vs_params(
-    rows: Sequence[ResultRow], methods: list[str], organs: list[str], title: str, path: Path
+    rows: Sequence[ResultRow],
+    methods: list[str],
+    organs: list[str],
+    title: str,
+    path: Path,
+    others: Sequence[ResultRow] = (),
 ) -> Path | None:
     """The paper's Fig. 1b, the efficiency frontier: Dice (mean over ``organs``) against the parameters a method
     keeps, after ARENA's pruning (log x; cells recorded before that count read their trainable parameters), one
-    marker per method; zero-shot (nothing trained) is a horizontal line."""
+    marker per method; zero-shot (nothing trained) is a horizontal line. With ARENA cells at other λs
+    (``others``), each ARENA method's λ path is a dashed line through its λs, on the cells every λ ran."""
     points = []
     for method in methods:
         dice = organ_mean(rows, method, RANK_K, organs, "mean_dice")
@@ -426,8 +520,22 @@ def plot_dice_vs_params(
     for method, params, dice in points:
         ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3)
         ax.annotate(method, (params, dice.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name in sorted({r.name for r in rows if r.method == "arena"}):
+        line = [
+            (lam, params, dice.mean)
+            for lam, cells in lambda_path([*rows, *others], name, organs).items()
+            if (dice := organ_mean(cells, name, RANK_K, organs, "mean_dice"))
+            and (params := _mean_of(cells, name, "active_params"))
+        ]
+        if len(line) >= 2:
+            ax.plot(
+                [p for _, p, _ in line], [d for _, _, d in line], linestyle="--", marker=".", label=f"{name}, λ path"
+            )
+            for lam, params, dice in line:
+                ax.annotate(f"λ {lam:g}", (params, dice), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if zero:
         ax.axhline(zero.mean, color="grey", linestyle="--", label=f"zero-shot ({zero.mean:.1f})")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_title(title)
@@ -437,17 +545,60 @@ def plot_dice_vs_params(
     return _save(fig, path)
 
 
-def learned_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> dict[tuple[str, str], float]:
-    """(layer, organ) -> active rank (mean over seeds) of one ARENA method at k = RANK_K, from its cells' run.json."""
-    ranks: dict[tuple[str, str], list[int]] = {}
+def _cell_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> Iterable[tuple[str, dict[str, dict]]]:
+    """(organ, layer -> {"initial", "active"}) of each k = RANK_K cell of the ARENA method ``name``, from run.json."""
     for r in rows:
         if r.name != name or r.shots != RANK_K:
             continue
         run = out / cell_dir(r.track, name, r.organ, r.shots, r.seed) / RUN_FILE
         if run.is_file():
-            for layer, entry in (RunRecord.read(run).ranks or {}).items():
-                ranks.setdefault((layer, r.organ), []).append(entry["active"])
+            yield r.organ, RunRecord.read(run).ranks or {}
+
+
+def learned_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> dict[tuple[str, str], float]:
+    """(layer, organ) -> active rank (mean over seeds) of one ARENA method at k = RANK_K, from its cells' run.json."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for organ, layers in _cell_ranks(out, rows, name):
+        for layer, entry in layers.items():
+            ranks.setdefault((layer, organ), []).append(entry["active"])
     return {key: statistics.fmean(values) for key, values in ranks.items()}
+
+
+def layer_family(layer: str) -> str:
+    """The family a layer's learned rank is summed in: its Swin stage, or the convolutional blocks of the UNETR's
+    encoder and decoder paths (adapted on the novel track only)."""
+    stage = re.match(r"swinViT\.layers(\d+)\.", layer)
+    return f"Swin stage {stage[1]}" if stage else "conv blocks"
+
+
+def table_family_ranks(out: Path, rows: Sequence[ResultRow], methods: list[str]) -> str | None:
+    """Per ARENA method and organ, the components each layer family keeps: active of initial (mean over seeds),
+    so that what an organ keeps and lets go reads at a glance; None without ARENA cells."""
+    kept: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {}
+    for name in [m for m in methods if any(r.name == m and r.method == "arena" for r in rows)]:
+        for organ, layers in _cell_ranks(out, rows, name):
+            cell: dict[str, tuple[int, int]] = {}
+            for layer, entry in layers.items():
+                active, initial = cell.get(layer_family(layer), (0, 0))
+                cell[layer_family(layer)] = (active + entry["active"], initial + entry["initial"])
+            for family, value in cell.items():
+                kept.setdefault((name, organ), {}).setdefault(family, []).append(value)
+    if not kept:
+        return None
+    families = sorted({f for per_family in kept.values() for f in per_family})
+    keys = sorted(kept, key=lambda key: (methods.index(key[0]), ordered_organs(o for _, o in kept).index(key[1])))
+    columns = [[f"{name}, {organ}" for name, organ in keys]]
+    for family in families:
+        cells = []
+        for key in keys:
+            values = kept[key].get(family)
+            if not values:
+                cells.append(MISSING)
+                continue
+            active, initial = (statistics.fmean(v[i] for v in values) for i in (0, 1))
+            cells.append(f"{active:,.0f} of {initial:,.0f} ({100 * active / initial:.0f} %)")
+        columns.append(cells)
+    return markdown_table(["ARENA, organ", *families], columns)
 
 
 def full_ranks(out: Path, rows: Sequence[ResultRow], name: str) -> dict[str, int]:
@@ -507,9 +658,17 @@ def _sort_tracks(names: Iterable[str]) -> list[str]:
 
 
 def track_section(
-    out: Path, rows: list[ResultRow], track: str, group: tuple[str, str], organs: list[str], why: str, slug: str
+    out: Path,
+    rows: list[ResultRow],
+    track: str,
+    group: tuple[str, str],
+    organs: list[str],
+    why: str,
+    slug: str,
+    others: Sequence[ResultRow] = (),
 ) -> list[str]:
-    """Every table and plot of one track within one (protocol, precision) group."""
+    """Every table and plot of one track within one (protocol, precision) group; ``others``: this track's ARENA
+    cells at other λs, from other bench folders."""
     methods = method_order(rows, track)
     title = f"{track} track, {group[0]} {group[1]}"
     shots = sorted({r.shots for r in rows if r.name != ZERO_SHOT}) or [RANK_K]  # zero-shot alone: k = 5
@@ -581,6 +740,44 @@ def track_section(
                 "",
             ]
     parts += [
+        f"### {title}: the paper's claims, P1-P4",
+        "",
+        f"Each claim as one method's Dice (%) minus another's at k={RANK_K}, paired by seed, mean ± std over the "
+        f"seeds both ran of the mean over {listed}; params kept, ratio: the first method's parameters kept (after "
+        "ARENA's pruning) over the second's. Numbers, not verdicts: docs/benchmark.md says how to read them.",
+        "",
+        table_claims(used, organs),
+        "",
+        provenance([r for r in used if r.shots == RANK_K and r.name in {m for c in CLAIMS for m in c[1:3]}]),
+        "",
+    ]
+    path_table = table_lambda_path(used, [r for r in others if r.organ in organs], organs)
+    if path_table:
+        path_rows = [r for r in [*used, *others] if r.method == "arena" and r.shots == RANK_K and r.organ in organs]
+        parts += [
+            f"### {title}: ARENA's λ path, k={RANK_K}",
+            "",
+            f"ARENA at each λ on the (organ, seed) cells that every λ ran (cells: how many), Dice (%) mean over "
+            f"{listed}; the paired column is Dice minus the same cell's Dice at this folder's λ; active rank, "
+            "params kept and adapter KiB are means over the cells.",
+            "",
+            path_table,
+            "",
+            provenance(path_rows),
+            "",
+        ]
+    family_table = table_family_ranks(out, rows, methods)
+    if family_table:
+        parts += [
+            f"### {title}: learned rank per layer family, k={RANK_K}",
+            "",
+            "Components ARENA keeps (active of initial, summed over the family's layers, mean over seeds) per organ: "
+            "where the organ keeps rank and where it lets it go. The heatmap under plots shows every layer.",
+            "",
+            family_table,
+            "",
+        ]
+    parts += [
         f"### {title}: training",
         "",
         "Means over each method's cells of these organs. Support loss: the final model's mean training loss on the "
@@ -609,7 +806,7 @@ def track_section(
     figures = {
         "Dice vs initial rank": plot_dice_vs_rank(used, organs, title, plots / f"{slug}_dice_vs_rank.png"),
         "Dice vs parameters kept": plot_dice_vs_params(
-            used, methods, organs, title, plots / f"{slug}_dice_vs_params.png"
+            used, methods, organs, title, plots / f"{slug}_dice_vs_params.png", others
         ),
         "Learned rank per adapted layer (ARENA)": plot_learned_ranks(
             out, rows, methods, plots / f"{slug}_learned_ranks.png"
@@ -624,13 +821,17 @@ def track_section(
 
 
 def write_report(
-    out: str | os.PathLike, organs: Sequence[str] | None = None, tracks: Sequence[str] | None = None
+    out: str | os.PathLike,
+    organs: Sequence[str] | None = None,
+    tracks: Sequence[str] | None = None,
+    lambda_path: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write OUT/report.md (and OUT/plots/*.png) from OUT/results.csv, rebuilt from OUT/cells when it is missing.
 
     ``tracks`` limits the report to those tracks. ``organs`` sets the organs of the means and plots of every
     track holding any of them (e.g. the ones whose grid is complete while the others still run); a track holding
-    none keeps its default (`default_organs`)."""
+    none keeps its default (`default_organs`). ``lambda_path``: other bench folders whose ARENA cells ran at other
+    λs; their cells draw ARENA's λ path beside this folder's λ."""
     out = Path(out)
     if not (out / RESULTS_FILE).is_file():
         if not (out / CELLS_DIR).is_dir():
@@ -653,6 +854,7 @@ def write_report(
         if unknown or not organs:
             raise UserError(f"organs {unknown or organs} have no finished cell in {out}; present: {', '.join(present)}")
 
+    others = _other_lambdas(rows, lambda_path)
     groups = _sort_groups({_group_key(r) for r in rows})
     v1 = Path(os.path.relpath(V1_REPORT.resolve(), out.resolve())).as_posix()
     parts = [
@@ -675,7 +877,27 @@ def write_report(
             else:
                 chosen, why = default_organs(track_rows, track)
             slug = track if group == groups[0] else re.sub(r"[^A-Za-z0-9.-]+", "_", f"{group[0]}_{group[1]}_{track}")
-            parts += track_section(out, track_rows, track, group, chosen, why, slug)
+            track_others = [r for r in others if _group_key(r) == group and r.track == track]
+            parts += track_section(out, track_rows, track, group, chosen, why, slug, track_others)
     path = out / REPORT_FILE
     write_text(path, "\n".join(parts).rstrip("\n") + "\n")
     return path
+
+
+def _other_lambdas(rows: Sequence[ResultRow], folders: Sequence[str | os.PathLike]) -> list[ResultRow]:
+    """The ARENA cells of ``folders`` at λs this folder's ARENA cells did not run: the other points of the λ path
+    (a cell that two folders hold counts once, from the first)."""
+    own = {r.lam for r in rows if r.method == "arena"}
+    others: dict[tuple, ResultRow] = {}
+    for folder in folders:
+        path = Path(folder) / RESULTS_FILE
+        if not path.is_file():
+            raise UserError(f"--lambda-path {folder}: no {RESULTS_FILE} there (a bench folder's results)")
+        arena = [r for r in read_results(path) if r.method == "arena" and r.lam is not None]
+        new = [r for r in arena if r.lam not in own]
+        if not new:
+            ran = ", ".join(sorted({f"{r.lam:g}" for r in arena})) or "none"
+            raise UserError(f"--lambda-path {folder}: no ARENA cell at a λ this report lacks (its λs: {ran})")
+        for r in new:
+            others.setdefault((r.track, r.name, r.organ, r.shots, r.seed, r.lam, _group_key(r)), r)
+    return list(others.values())

@@ -135,6 +135,12 @@ def _add_report_parser(sub) -> None:
         "whose grid is complete)",
     )
     p.add_argument("--tracks", default=None, help="comma-separated tracks to report, e.g. base (default: every track)")
+    p.add_argument(
+        "--lambda-path",
+        default=None,
+        help="comma-separated bench folders whose ARENA cells ran at other λs, e.g. an earlier grid: the report "
+        "adds ARENA's λ path, compared on the cells every λ ran (default: none)",
+    )
     p.set_defaults(func=run_report)
 
 
@@ -189,5 +195,5 @@ def _results_from(args: argparse.Namespace) -> str | Path | None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    print(f"wrote {write_report(args.out, _list(args.organs), _list(args.tracks))}")
+    print(f"wrote {write_report(args.out, _list(args.organs), _list(args.tracks), _list(args.lambda_path) or ())}")
     return 0
