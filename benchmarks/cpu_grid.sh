@@ -13,7 +13,8 @@
 # instance started while another runs (say, with a longer cell list) skips the cells already running.
 # Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
 # DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEST: the results folder
-# the finished cells go to (default COMMITTED); DEADLINE (epoch
+# the finished cells go to (default COMMITTED); ONLY: space-separated grid methods, the others are skipped (default:
+# every method; e.g. ONLY="adalora-r16 lora-r16" while a choice that ARENA's cells depend on is still open); DEADLINE (epoch
 # seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
 # when the slowest committed cell of its track and method took longer than the time left (a half-run cell is lost
 # where WORK does not outlive the session).
@@ -78,6 +79,7 @@ start() {  # track organ method seed
 exec 8>"$WORK/logs/slots.mutex"
 cells | {
   while read -r track organ method seed; do
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $method "* ]] || continue
     # count and start under one lock, so that two instances never both take the last free slot
     until flock 8 && [ "$(running)" -lt "$JOBS" ]; do flock -u 8; sleep 10; done
     start "$track" "$organ" "$method" "$seed"

@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--head-lr-scale", type=float, default=defaults.head_lr_scale, help="(default: %(default)s)")
     parser.add_argument("--lam", type=float, default=None, help="ARENA lambda (default: the library's)")
     parser.add_argument("--rho", type=float, default=None, help="ARENA rho (default: the library's)")
+    parser.add_argument(
+        "--freeze-tail", type=float, default=None, help="ARENA freeze_tail, a fraction (default: the library's)"
+    )
     parser.add_argument("--decoder", default=None, help="decoder policy of low-rank methods (default: frozen)")
     parser.add_argument("--decoder-lr-scale", type=float, default=None, help="decoder lr / lr (default: 1)")
     parser.add_argument("--track", default="auto", help="auto, base or novel head start (default: %(default)s)")
@@ -100,10 +103,11 @@ def main() -> None:
         return load_cases(data, ids, {organ: 1}, preprocess)
 
     settings = TrainSettings(steps=args.steps, lr=args.lr, head_lr_scale=args.head_lr_scale)
-    given = {"rank": rank, "lam": args.lam, "rho": args.rho, "decoder": args.decoder}
+    given = {"rank": rank, "lam": args.lam, "rho": args.rho, "freeze_tail": args.freeze_tail, "decoder": args.decoder}
     given["decoder_lr_scale"] = args.decoder_lr_scale
     options = AdaptOptions(total_steps=settings.steps, **{k: v for k, v in given.items() if v is not None})
     name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "")
+    name += f"-tail{options.freeze_tail:g}" if method == "arena" and options.freeze_tail else ""
     name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
     out = Path(args.out) / f"{name}.json"
     checkpoint = out.with_suffix(".checkpoint.pt")  # beside the JSON, ignored by git: a killed probe resumes
@@ -122,7 +126,8 @@ def main() -> None:
     held_in_patches = PatchSampler(volumes(held_in), preprocess, 2, seed=1)
 
     # ARENA's lambda and rho as resolved: the library's defaults may change after the run
-    given_args = {**vars(args), **({"lam": options.lam, "rho": options.rho} if method == "arena" else {})}
+    resolved = {"lam": options.lam, "rho": options.rho, "freeze_tail": options.freeze_tail}
+    given_args = {**vars(args), **(resolved if method == "arena" else {})}
     record = {
         "command": "python benchmarks/probe.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given_args.items() if v is not None),
@@ -142,6 +147,7 @@ def main() -> None:
         "loss": [],
         "patch_dice": [],
         "active_rank": [],
+        "rank_trace": [],  # ARENA: the active rank after every step (how steady the active set is)
         "volume_dice": {},
     }
 
@@ -164,7 +170,7 @@ def main() -> None:
         if (earlier["options"], earlier["train"]) != (_plain(record["options"]), _plain(record["train"])):
             raise SystemExit(f"{out} was started with other settings: delete it and {checkpoint.name} to start anew")
         step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
-        record = {**earlier, "loss": earlier["loss"][:step]}
+        record = {**earlier, "loss": earlier["loss"][:step], "rank_trace": earlier.get("rank_trace", [])[:step]}
         for key in ("patch_dice", "active_rank"):
             record[key] = [entry for entry in earlier[key] if entry[0] <= step]
         print(f"resuming {out.name} at step {step}", flush=True)
@@ -175,6 +181,8 @@ def main() -> None:
 
     def on_step(steps: int, loss: float) -> None:
         record["loss"].append(round(loss, 5))
+        if method == "arena":
+            record["rank_trace"].append(active_rank())
         if steps % args.every == 0:
             probe_point(steps)
         elif steps % settings.checkpoint_every == 0:
@@ -186,6 +194,12 @@ def main() -> None:
     record["seconds_per_step"] = result.seconds_per_step
     volume_dice(result.steps_done)
     record["rank_report"] = adapted.rank_report()  # per layer: initial, active and full rank, active parameters
+    if method == "arena":  # how large the kept gates are: a gate switched on by the last batches is tiny
+        gates = torch.cat([v.detach().abs().flatten() for v in adapted.gates()])
+        kept = gates[gates > 0]
+        record["gate_quantiles"] = {
+            str(q): kept.quantile(q).item() if kept.numel() else None for q in (0.1, 0.25, 0.5, 0.75, 0.9)
+        }
     adapted.finalize()  # ARENA drops its switched-off components: the adapter as it ships
     with tempfile.TemporaryDirectory() as folder:
         record["adapter_bytes"] = (save_adapter(adapted, folder) / ADAPTER_WEIGHTS).stat().st_size

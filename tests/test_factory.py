@@ -113,6 +113,19 @@ def test_arena_optimizer_steps_the_gates_proximally_and_the_rest_with_adamw() ->
     assert inner == trainable - {id(v) for v in gates}
 
 
+def test_freeze_tail_settles_the_gates_over_the_last_fraction_of_the_schedule() -> None:
+    """The tail is counted from the options' total steps: 0.1 of 300 steps settles from step 271 on."""
+    options = AdaptOptions(rank=RANK, freeze_tail=0.1, total_steps=300)
+    assert adapt_model(fresh_model(), "arena", options).make_optimizer().proximal_group["settle_from"] == 271
+    assert (
+        adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK)).make_optimizer().proximal_group["settle_from"]
+        is None
+    )
+    without_steps = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, freeze_tail=0.1))
+    with pytest.raises(ValueError, match="freeze_tail needs AdaptOptions.total_steps"):
+        without_steps.make_optimizer()
+
+
 @pytest.mark.parametrize("method", ["lp", "fft", "lora", "adalora", "arena"])
 def test_the_new_head_steps_head_lr_scale_times_further(method: str) -> None:
     """Adam's first step moves every weight by lr (sign of its gradient), so the head's step shows its lr."""
@@ -279,6 +292,7 @@ def test_bad_method_or_targets_leave_the_model_untouched(method: str, options: d
         ({"rank": 0}, r"AdaptOptions\.rank must be an integer >= 1, got 0"),
         ({"lam": -1e-3}, r"AdaptOptions\.lam must be >= 0"),
         ({"rho": 0.0}, r"AdaptOptions\.rho must be > 0"),
+        ({"freeze_tail": 1.0}, r"AdaptOptions\.freeze_tail must be a fraction > 0 and < 1"),
         ({"target_modules": "(unclosed"}, r"AdaptOptions\.target_modules must be a valid regex"),
         ({"rank": 4, "adalora_target_rank": 5}, r"adalora_target_rank must be an integer in \[1, rank=4\]"),
     ],

@@ -108,6 +108,22 @@ def test_a_zeroed_gate_comes_back_unless_frozen(freeze_pruned: bool) -> None:
     torch.testing.assert_close(v.detach(), torch.tensor([comeback, 0.8, 1.9]))  # a gate that started at 0 is free
 
 
+def test_from_the_settle_step_a_gate_at_zero_stays_there_and_an_active_one_can_still_go() -> None:
+    v = nn.Parameter(torch.tensor([0.0, 0.05, 1.0]))
+    optimizer = ProximalOptimizer([], [v], lam=0.1, rho=1.0, lr=1.0, settle_from=2, v_gradient="plain")
+    v.grad = torch.tensor([-2.0, 0.0, 0.0])  # step 1, before the tail: the gate at zero comes back
+    optimizer.step()
+    torch.testing.assert_close(v.detach(), torch.tensor([1.9, 0.0, 0.9]))
+    v.grad = torch.tensor([0.0, -2.0, 0.0])  # step 2, in the tail: the switched-off gate's pull would bring it back
+    optimizer.step()
+    torch.testing.assert_close(v.detach(), torch.tensor([1.8, 0.0, 0.8]))
+    v.grad = torch.tensor([1.8, 0.0, 0.0])  # in the tail, an active gate still reaches zero
+    optimizer.step()
+    torch.testing.assert_close(v.detach(), torch.tensor([0.0, 0.0, 0.7]))
+    with pytest.raises(ValueError, match="settle_from"):
+        ProximalOptimizer([], [v], lam=0.1, rho=1.0, settle_from=0)
+
+
 def small_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(ArenaLinear(nn.Linear(6, 6), rank=4, scaling=1.0), nn.ReLU(), nn.Linear(6, 2))

@@ -7,7 +7,8 @@ One name per concept, each defined once here (the other classes reuse its field,
   scaled by alpha / r fixed at the initial rank: LoRA, DoRA, PiSSA and AdaLoRA as PEFT does, ARENA by
   s = alpha / r (``ArenaConfig.scaling``), which it keeps while pruning (see ``arena.py``). So every method starts
   from the same effective scale (1 by default);
-- ``lam``, ``rho``, ``v_gradient``, ``freeze_pruned``: ARENA's proximal step on its gates (``ArenaConfig``);
+- ``lam``, ``rho``, ``v_gradient``, ``freeze_pruned``, ``freeze_tail``: ARENA's proximal step on its gates
+  (``ArenaConfig``);
 - ``lr``, ``weight_decay``, ``head_lr_scale``: the optimizer's (``OptimizerSettings``; the training loop's
   ``TrainSettings`` takes its defaults from there).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from arenaseg.optim.proximal import V_GRADIENTS  # the optimizer owns the directions of its step on v
-from arenaseg.utils.settings import Config, choice, flag, integer, is_int, number, rule, same_as
+from arenaseg.utils.settings import Config, choice, flag, integer, is_int, is_number, number, rule, same_as
 
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.linear1|mlp\.linear2)"
 DECODER_POLICIES = ("frozen", "full", "lowrank")
@@ -30,7 +31,7 @@ DECODER_POLICIES = ("frozen", "full", "lowrank")
 # criterion 2). A head that starts from the model's own class keeps the decoder frozen.
 NEW_HEAD_DECODER = "lowrank"
 # ARENA's proximal step on its gates: options that no other method reads
-GATE_OPTIONS = ("lam", "rho", "freeze_pruned", "v_gradient")
+GATE_OPTIONS = ("lam", "rho", "freeze_pruned", "freeze_tail", "v_gradient")
 
 
 def _is_targets(value: object) -> bool:
@@ -85,6 +86,10 @@ class ArenaConfig(_Scaled, Config):
     With ``v_gradient="plain"`` (the exact step for L + lam*||v||_1), lam is in units of the loss gradient instead.
     ``freeze_pruned`` (default False): v entries that were active and then reached zero stay zero; by default the
     step is a true proximal step, so a pruned component comes back when its gradient is strong enough.
+    ``freeze_tail`` (default None: off): over that last fraction of the steps no gate at zero comes back, so the
+    active set settles on the components that stay on through the tail. Without it, a gate at zero comes back for
+    a step or two whenever one batch pulls hard enough, and the saved adapter keeps whatever the last batch switched
+    on, with values too small to matter; the tail is where the schedule has decayed and those blips stop.
     Mutable like PEFT's configs, so ``apply_arena`` validates it again.
     """
 
@@ -94,6 +99,13 @@ class ArenaConfig(_Scaled, Config):
     lam: float = number(0.7, 0.0, help="ARENA's l1 weight λ on its gates: larger switches more rank-1 components off")
     rho: float = number(1e-2, 0.0, above=True)
     freeze_pruned: bool = flag(False)
+    freeze_tail: float | None = rule(
+        None,
+        "a fraction > 0 and < 1 (or None)",
+        lambda v: v is None or (is_number(v) and 0 < v < 1),
+        "ARENA: over this last fraction of the steps no switched-off component comes back (None: off)",
+        parse=float,
+    )
     v_gradient: str = choice("adam", V_GRADIENTS)
 
     def matches(self, name: str) -> bool:
@@ -137,6 +149,7 @@ class AdaptOptions(_Scaled, Config):
     lam: float = same_as(ArenaConfig, "lam")
     rho: float = same_as(ArenaConfig, "rho")
     freeze_pruned: bool = same_as(ArenaConfig, "freeze_pruned")
+    freeze_tail: float | None = same_as(ArenaConfig, "freeze_tail")
     v_gradient: str = same_as(ArenaConfig, "v_gradient")
     total_steps: int | None = integer(None, 1, optional=True)
     adalora_target_rank: int | None = integer(None, 1, optional=True)

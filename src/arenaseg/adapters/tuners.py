@@ -235,9 +235,19 @@ class Arena(AdaptedModel):
             rho=self.config.rho,
             lr=settings.lr,
             freeze_pruned=self.config.freeze_pruned,
+            settle_from=self._settle_from(),
             v_gradient=self.config.v_gradient,
             inner=functools.partial(torch.optim.AdamW, weight_decay=settings.weight_decay),
         )
+
+    def _settle_from(self) -> int | None:
+        """The first step of ``freeze_tail``'s last fraction of the schedule (steps count from 1), None when off."""
+        tail, total = self.config.freeze_tail, self.options.total_steps
+        if tail is None:
+            return None
+        if total is None:
+            raise ValueError("freeze_tail needs AdaptOptions.total_steps: the tail is a fraction of the schedule")
+        return total - round(tail * total) + 1
 
     def progress(self) -> dict:
         return {"rank": sum(active for _, active in active_ranks(self.network).values())}

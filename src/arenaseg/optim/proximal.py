@@ -20,7 +20,8 @@ where the direction d is chosen by ``v_gradient``:
   This is the plain step on an l1 penalty weighted per component by its gradient RMS.
 
 A zeroed entry comes back when its step exceeds the threshold (a proximal step, not a hard mask); with
-``freeze_pruned=True`` (default False) entries that were non-zero and then reached zero stay zero.
+``freeze_pruned=True`` (default False) entries that were non-zero and then reached zero stay zero, and from step
+``settle_from`` on (default None: never) no entry at zero comes back, so the active set can only shrink.
 
 The step runs on all gates at once (one flat vector, a fixed number of kernels whatever the number of gates), as
 PyTorch's foreach optimizers do: a model holds one small gate tensor per adapted layer, and a Python loop issuing
@@ -52,7 +53,8 @@ class ProximalOptimizer(Optimizer):
     """One optimizer object (so that any LR scheduler and checkpoint code work) over two blocks of parameters.
 
     ``params`` (tensors or param groups, e.g. with their own lr) go to the inner optimizer, ``v_params`` (the gates,
-    for ARENA every ``arena_v``) to the proximal step; lam, rho, freeze_pruned and v_gradient are the step's numbers.
+    for ARENA every ``arena_v``) to the proximal step; lam, rho, freeze_pruned, settle_from and v_gradient are the
+    step's numbers.
     ``param_groups`` is the inner optimizer's groups (the same dicts, so schedulers reach them) followed by the
     proximal group of the gates. ``inner`` is an optimizer class/factory called as ``inner(params, lr=lr)`` or an
     optimizer already built on the ordinary parameters (then ``params`` must be empty). ``params`` may be empty when
@@ -68,6 +70,7 @@ class ProximalOptimizer(Optimizer):
         rho: float,
         lr: float = 1e-3,
         freeze_pruned: bool = False,
+        settle_from: int | None = None,
         v_gradient: str = "adam",
         inner: Optimizer | Callable[..., Optimizer] = torch.optim.AdamW,
     ) -> None:
@@ -77,6 +80,8 @@ class ProximalOptimizer(Optimizer):
             raise ValueError(f"lam must be >= 0, got {lam!r}")
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
+        if settle_from is not None and not settle_from >= 1:
+            raise ValueError(f"settle_from must be a step >= 1 or None, got {settle_from!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0 (the schedule factor is lr / lr0), got {lr!r}")
         params, v_params = list(params), list(v_params)
@@ -100,6 +105,7 @@ class ProximalOptimizer(Optimizer):
             lam=lam,
             rho=rho,
             freeze_pruned=freeze_pruned,
+            settle_from=settle_from,
             v_gradient=v_gradient,
             steps=0,
         )
@@ -156,6 +162,9 @@ class ProximalOptimizer(Optimizer):
         pruned = flat(s["pruned"] for s in states)
         if group["freeze_pruned"]:
             new.masked_fill_(pruned, 0)
+        settle_from = group.get("settle_from")  # absent from the state of optimizers saved before the option
+        if settle_from is not None and group["steps"] >= settle_from:
+            new.masked_fill_(v == 0, 0)
         pruned |= (v != 0) & (new == 0)
         write_back([s["pruned"] for s in states], pruned)
         write_back(gates, new)
