@@ -13,9 +13,9 @@
 # instance started while another runs (say, with a longer cell list) skips the cells already running.
 # Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
 # DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEST: the results folder
-# the finished cells go to (default COMMITTED); ONLY: space-separated grid methods, the others are skipped (default:
-# every method; e.g. ONLY="adalora-r16 lora-r16" while a choice that ARENA's cells depend on is still open); DEADLINE (epoch
-# seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
+# the finished cells go to (default COMMITTED); ONLY: space-separated grid methods, the others are skipped
+# (default: every method; e.g. ONLY="adalora-r16 lora-r16" while a choice ARENA's cells depend on is open); DEADLINE
+# (epoch seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
 # when the slowest committed cell of its track and method took longer than the time left (a half-run cell is lost
 # where WORK does not outlive the session).
 set -uo pipefail
