@@ -30,6 +30,7 @@ PROBE_LAM = 0.3  # the lambda in effect when the criteria were written: the budg
 RANK_MARGIN, LOSS_MARGIN = 1.0, 0.02  # criterion 3: r64 vs r16 volume Dice; r16 final loss vs lambda 0's
 PATH_LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # criterion 6's lambda path (it goes on upward if the top qualifies)
 PATH_EXTENSION = (1.2, 1.5)
+TAIL_VARIANTS = ((0.7, 0.1),)  # criterion 6's settled-tail variants: (lambda, freeze_tail)
 NOISE = 1.73  # criterion 6: one standard deviation of a two-organ probe score, from the v2 grid's seed spread
 BASE_ORGAN, NOVEL_ORGAN = "right_kidney", "pancreas"
 
@@ -93,18 +94,32 @@ def lam(run: dict) -> float | None:
     return run["options"]["lam"] if family(run) == "arena" else None
 
 
+def tail(run: dict) -> float | None:
+    """ARENA's freeze_tail (runs from before the option had none)."""
+    return run["options"].get("freeze_tail") if family(run) == "arena" else None
+
+
 def describe(organ: str, method: str, lam_: float | None = None, decoder_: str | None = None) -> str:
     return " ".join([organ, method, *([f"λ {lam_:g}"] if lam_ is not None else []), *([decoder_] if decoder_ else [])])
 
 
-def find(runs: list[dict], organ: str, method: str, lam_: float | None = None, decoder_: str = "frozen"):
+def find(
+    runs: list[dict],
+    organ: str,
+    method: str,
+    lam_: float | None = None,
+    decoder_: str = "frozen",
+    tail_: float | None = None,
+):
     """The finished run of that setting, or None."""
-    setting = (organ, method, lam_)
+    setting = (organ, method, lam_, tail_)
     return next(
         (
             r
             for r in runs
-            if (r["organ"], r["method"], lam(r)) == setting and decoder(r) in (None, decoder_) and "finished" in r
+            if (r["organ"], r["method"], lam(r), tail(r)) == setting
+            and decoder(r) in (None, decoder_)
+            and "finished" in r
         ),
         None,
     )
@@ -260,10 +275,11 @@ def choose_lambda(runs: list[dict], chosen_decoder: str | None) -> tuple[float |
     return max(mean, key=mean.get), [*lines, f"no λ qualifies: the best mean volume Dice decides ({means})"]
 
 
-def path_point(runs: list[dict], x: float, chosen_decoder: str) -> dict | None:
-    """Criterion 6's numbers for lambda x over its four runs, or None while one is missing."""
+def path_point(runs: list[dict], x: float, chosen_decoder: str, tail_: float | None = None) -> dict | None:
+    """Criterion 6's numbers for lambda x (with freeze_tail ``tail_``) over its four runs, or None while one is
+    missing."""
     wanted = [
-        find(runs, organ, m, x, d)
+        find(runs, organ, m, x, d, tail_)
         for organ, d in ((BASE_ORGAN, "frozen"), (NOVEL_ORGAN, chosen_decoder))
         for m in ("arena-r16", "arena-r64")
     ]
@@ -278,37 +294,45 @@ def path_point(runs: list[dict], x: float, chosen_decoder: str) -> dict | None:
     }
 
 
-def choose_lambda_path(runs: list[dict], chosen_decoder: str | None) -> tuple[float | None, bool, list[str]]:
-    """Criterion 6: the sparsest lambda whose mean held-in volume Dice (four runs) is at least the best one's minus
-    NOISE. Returns (lambda, final, evidence): final once every lambda of the path has its four runs and the top one
-    does not qualify (else the path goes on upward); otherwise the choice among the finished lambdas, provisional.
-    Sparsity is the mean active rank, which every run records (the active parameters only the newer ones)."""
+def choose_lambda_path(
+    runs: list[dict], chosen_decoder: str | None
+) -> tuple[tuple[float, float | None] | None, bool, list[str]]:
+    """Criterion 6: the sparsest candidate whose mean held-in volume Dice (four runs) is at least the best one's
+    minus NOISE; a candidate is a lambda of the path (no tail) or a settled-tail variant (lambda, freeze_tail).
+    Returns ((lambda, freeze_tail), final, evidence): final once every lambda of the path has its four runs and the
+    top one does not qualify (else the path goes on upward); otherwise the choice among the finished candidates,
+    provisional. A variant still running is waited for only once it has started. Sparsity is the mean active rank,
+    which every run records (the active parameters only the newer ones)."""
     if chosen_decoder is None:
         return None, False, ["waits for the decoder policy (criterion 2)"]
     path = [*PATH_LAMBDAS, *(x for x in PATH_EXTENSION if find(runs, BASE_ORGAN, "arena-r16", x) is not None)]
-    points = {x: path_point(runs, x, chosen_decoder) for x in path}
-    done = {x: p for x, p in points.items() if p is not None}
+    started = {(r["options"]["lam"], tail(r)) for r in runs if family(r) == "arena" and tail(r) is not None}
+    candidates = [(x, None) for x in path] + [v for v in TAIL_VARIANTS if v in started]
+    points = {c: path_point(runs, c[0], chosen_decoder, c[1]) for c in candidates}
+    done = {c: p for c, p in points.items() if p is not None}
     if not done:
         return None, False, ["waits for a λ with all four runs"]
     best = max(p["score"] for p in done.values())
-    qualifying = [x for x, p in done.items() if p["score"] >= best - NOISE]
-    chosen = min(qualifying, key=lambda x: (done[x]["active_rank"], -x))
+    qualifying = [c for c, p in done.items() if p["score"] >= best - NOISE]
+    chosen = min(qualifying, key=lambda c: (done[c]["active_rank"], -c[0]))
     lines = []
-    for x, p in points.items():
+    names = {c: f"λ {c[0]:g}" + ("" if c[1] is None else f" with freeze_tail {c[1]:g}") for c in candidates}
+    for c, p in points.items():
+        name = names[c]
         if p is None:
-            lines.append(f"λ {x:g}: waits for its runs")
+            lines.append(f"{name}: waits for its runs")
             continue
         params = "–" if p["active_params"] is None else f"{p['active_params']:,.0f}"
-        verdict = "within noise" if x in qualifying else f"more than {NOISE:g} below the best"
+        verdict = "within noise" if c in qualifying else f"more than {NOISE:g} below the best"
         lines.append(
-            f"λ {x:g}: mean volume Dice {p['score']:.2f} ({p['score_lcc']:.2f} with the largest component), "
+            f"{name}: mean volume Dice {p['score']:.2f} ({p['score_lcc']:.2f} with the largest component), "
             f"mean active rank {p['active_rank']:,.0f}, mean active parameters {params}: {verdict}"
         )
-    top_qualifies = max(done) in qualifying
+    top_qualifies = (max(path), None) in qualifying
     final = len(done) == len(points) and not (top_qualifies and len(path) < len(PATH_LAMBDAS) + len(PATH_EXTENSION))
     if not final:
-        missing = [f"{x:g}" for x, p in points.items() if p is None]
-        why = f"λ {', '.join(missing)} unfinished" if missing else "the largest λ qualifies: the path goes on upward"
+        missing = [names[c] for c, p in points.items() if p is None]
+        why = f"{', '.join(missing)} unfinished" if missing else "the largest λ qualifies: the path goes on upward"
         lines.append(f"provisional: {why}")
     return chosen, final, lines
 
@@ -334,15 +358,16 @@ def bench_arguments(runs: list[dict]) -> str | None:
         return None
     chosen_decoder = choose_decoder(runs)[0]
     cap, rule, _ = choose_budget(runs, chosen_decoder)
-    chosen_lam, final, _ = choose_lambda_path(runs, chosen_decoder)
+    chosen_path, final, _ = choose_lambda_path(runs, chosen_decoder)
     if not final:
-        chosen_lam = None
-    if None in (chosen_decoder, cap, chosen_lam, check_learning_rates(runs, chosen_decoder, cap)[0]):
+        chosen_path = None
+    if None in (chosen_decoder, cap, chosen_path, check_learning_rates(runs, chosen_decoder, cap)[0]):
         return None
     patience, delta = rule if rule is not None else (0, 1e-3)
+    chosen_lam, chosen_tail = chosen_path
     return (
         f"--novel-decoder {chosen_decoder} --steps {cap} --stop-patience {patience} --stop-min-delta {delta:g} "
-        f"--lam {chosen_lam:g}"
+        f"--lam {chosen_lam:g}" + ("" if chosen_tail is None else f" --freeze-tail {chosen_tail:g}")
     )
 
 
@@ -351,8 +376,11 @@ def choices(runs: list[dict]) -> list[str]:
     chosen_decoder, decoder_lines = choose_decoder(runs)
     cap, rule, budget_lines = choose_budget(runs, chosen_decoder)
     chosen_lam, lam_lines = choose_lambda(runs, chosen_decoder)
-    path_lam, final, path_lines = choose_lambda_path(runs, chosen_decoder)
-    path_value = None if path_lam is None else f"{path_lam:g}" + ("" if final else " (provisional)")
+    path_choice, final, path_lines = choose_lambda_path(runs, chosen_decoder)
+    path_value = None
+    if path_choice is not None:
+        path_value = f"{path_choice[0]:g}" + ("" if path_choice[1] is None else f", freeze_tail {path_choice[1]:g}")
+        path_value += "" if final else " (provisional)"
     rule_text = "no plateau stop" if rule is None else f"PlateauStop patience {rule[0]}, min_delta {rule[1]:g}"
     sections = [
         ("Criterion 2, decoder policy (novel track)", chosen_decoder, decoder_lines),
@@ -381,6 +409,7 @@ def plot(runs: list[dict], path: Path) -> None:
         label = f"{run['organ']} {run['method']} " + (
             f"λ={run['options']['lam']:g}" if run["method"].startswith("arena") else ""
         )
+        label += f" tail={tail(run):g}" if tail(run) else ""
         label += "" if run["options"].get("decoder", "frozen") == "frozen" else f" dec={run['options']['decoder']}"
         losses = run["loss"]
         smooth = [statistics.fmean(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]

@@ -203,7 +203,9 @@ class Trainer:
         model_name: str | None = None,
         compile_mode: str = "default",
     ) -> None:
-        self.adapted = adapt_model(base_model(device, attention, model_name), method, AdaptOptions(rank=rank))
+        schedule = 10**6  # steps: a timing never reaches the schedule's end (or ARENA's settled tail)
+        options = AdaptOptions(rank=rank, total_steps=schedule)
+        self.adapted = adapt_model(base_model(device, attention, model_name), method, options)
         self.adapted.model.train()
         self.levers = frozenset(lever.split("+")) - {""}
         self.channels_last = "channels-last" in self.levers
@@ -211,7 +213,7 @@ class Trainer:
         self.settings = TrainSettings(precision=precision)
         s = self.settings
         self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.head_lr_scale)
-        self.scheduler = warmup_cosine(self.optimizer, 10**6, s.warmup_steps)
+        self.scheduler = warmup_cosine(self.optimizer, schedule, s.warmup_steps)
         self.scaler = grad_scaler(precision, device)
         self.loss_fn = loss_function(s.cross_entropy)
         self.steps = itertools.count()

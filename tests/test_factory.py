@@ -103,7 +103,7 @@ def test_every_method_trains_one_step_with_its_own_parameters(method: str) -> No
 
 
 def test_arena_optimizer_steps_the_gates_proximally_and_the_rest_with_adamw() -> None:
-    adapted = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, lam=0.0, rho=0.5))
+    adapted = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, lam=0.0, rho=0.5, total_steps=10))
     optimizer = adapted.make_optimizer(lr=1e-3)
     gates = [layer.arena_v for layer in arena_layers(adapted.network).values()]
     assert {id(p) for p in optimizer.proximal_group["params"]} == {id(v) for v in gates}
@@ -117,12 +117,10 @@ def test_freeze_tail_settles_the_gates_over_the_last_fraction_of_the_schedule() 
     """The tail is counted from the options' total steps: 0.1 of 300 steps settles from step 271 on."""
     options = AdaptOptions(rank=RANK, freeze_tail=0.1, total_steps=300)
     assert adapt_model(fresh_model(), "arena", options).make_optimizer().proximal_group["settle_from"] == 271
-    assert (
-        adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK)).make_optimizer().proximal_group["settle_from"]
-        is None
-    )
-    without_steps = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK, freeze_tail=0.1))
-    with pytest.raises(ValueError, match="freeze_tail needs AdaptOptions.total_steps"):
+    no_tail = AdaptOptions(rank=RANK, freeze_tail=None)
+    assert adapt_model(fresh_model(), "arena", no_tail).make_optimizer().proximal_group["settle_from"] is None
+    without_steps = adapt_model(fresh_model(), "arena", AdaptOptions(rank=RANK))  # the default tail, no schedule
+    with pytest.raises(ValueError, match="set AdaptOptions.total_steps to the number of training steps"):
         without_steps.make_optimizer()
 
 
@@ -292,7 +290,7 @@ def test_bad_method_or_targets_leave_the_model_untouched(method: str, options: d
         ({"rank": 0}, r"AdaptOptions\.rank must be an integer >= 1, got 0"),
         ({"lam": -1e-3}, r"AdaptOptions\.lam must be >= 0"),
         ({"rho": 0.0}, r"AdaptOptions\.rho must be > 0"),
-        ({"freeze_tail": 1.0}, r"AdaptOptions\.freeze_tail must be a fraction > 0 and < 1"),
+        ({"freeze_tail": 1.0}, r"AdaptOptions\.freeze_tail must be None or a fraction > 0 and < 1"),
         ({"target_modules": "(unclosed"}, r"AdaptOptions\.target_modules must be a valid regex"),
         ({"rank": 4, "adalora_target_rank": 5}, r"adalora_target_rank must be an integer in \[1, rank=4\]"),
     ],

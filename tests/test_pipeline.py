@@ -35,7 +35,12 @@ def test_adapt_on_btcv30_writes_the_whole_contract(shared_data, tiny_foundation,
                 "seconds_per_step", "peak_mem_mb", "device", "git_commit", "ranks", "active_rank_total"):  # fmt: skip
         assert key in run, key
     assert run["method"] == "arena" and run["organ"] == "pancreas" and run["shots"] == 2
-    assert run["settings"]["options"]["lam"] == ArenaConfig().lam  # no --lam given: the library's default, recorded
+    options = run["settings"]["options"]
+    assert options["lam"] == ArenaConfig().lam  # no --lam given: the library's default, recorded
+    assert (
+        options["freeze_tail"] == ArenaConfig().freeze_tail
+        and options["total_steps"] == run["settings"]["train"]["steps"]
+    )
     assert set(run["support_cases"]) <= {f"btcv_{i:04d}" for i in range(26, 36)}
     assert all(v["initial"] == 4 and 0 <= v["active"] <= 4 for v in run["ranks"].values())
     assert run["active_rank_total"] == sum(v["active"] for v in run["ranks"].values())

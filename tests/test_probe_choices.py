@@ -17,13 +17,25 @@ def report():
     return module
 
 
-def run(organ, method, patch=(), dice=50.0, lam=0.3, decoder="frozen", params=1000, loss=0.5, finished=True, rank=100):
+def run(
+    organ,
+    method,
+    patch=(),
+    dice=50.0,
+    lam=0.3,
+    decoder="frozen",
+    params=1000,
+    loss=0.5,
+    finished=True,
+    rank=100,
+    tail=None,
+):
     """A probe JSON as benchmarks/probe.py writes it (only the fields the criteria read)."""
     record = {
         "organ": organ,
         "track": "base" if organ == "right_kidney" else "novel",
         "method": method,
-        "options": {"lam": lam, "decoder": decoder},
+        "options": {"lam": lam, "decoder": decoder, "freeze_tail": tail},
         "trainable_params": params,
         "patch_dice": [[0, 50.0], *patch],
         "loss": [loss] * 300,
@@ -77,37 +89,56 @@ def test_learning_rates_stay_unless_a_family_s_loss_still_falls_at_the_cap(repor
     assert report.check_learning_rates([flat], "lowrank", None)[0] is None
 
 
-def arena(organ, decoder, dice16, dice64, lam, loss16=0.5):
-    rank = round(1000 * (1 - lam))  # sparser with lambda, as every probe run is
+def arena(organ, decoder, dice16, dice64, lam, loss16=0.5, tail=None, rank=None):
+    rank = round(1000 * (1 - lam)) if rank is None else rank  # sparser with lambda, as every probe run is
     return [
-        run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16, rank=rank),
-        run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder, rank=rank),
+        run(organ, "arena-r16", dice=dice16, lam=lam, decoder=decoder, loss=loss16, rank=rank, tail=tail),
+        run(organ, "arena-r64", dice=dice64, lam=lam, decoder=decoder, rank=rank, tail=tail),
     ]
 
 
-def path_runs(scores):
+def path_runs(scores, tail=None, rank=None):
     """Criterion 6's runs: every organ and rank at lambda x scores scores[x]."""
     return [
         r
         for x, dice in scores.items()
-        for r in (*arena("right_kidney", "frozen", dice, dice, x), *arena("pancreas", "lowrank", dice, dice, x))
+        for r in (
+            *arena("right_kidney", "frozen", dice, dice, x, tail=tail, rank=rank),
+            *arena("pancreas", "lowrank", dice, dice, x, tail=tail, rank=rank),
+        )
     ]
 
 
 def test_lambda_path_takes_the_sparsest_lambda_within_noise_of_the_best(report):
     scores = {0.0: 40.0, 0.1: 41.0, 0.3: 40.5, 0.5: 39.5, 0.7: 39.0, 0.9: 30.0}  # 0.7 is 2.0 below: out
     chosen, final, lines = report.choose_lambda_path(path_runs(scores), "lowrank")
-    assert (chosen, final) == (0.5, True)
+    assert (chosen, final) == ((0.5, None), True)
     assert "λ 0.7" in lines[4] and "below the best" in lines[4]
     # a missing lambda makes the choice provisional; the finished ones still give one
     unfinished = path_runs({x: d for x, d in scores.items() if x != 0.9})
-    assert report.choose_lambda_path(unfinished, "lowrank")[:2] == (0.5, False)
+    assert report.choose_lambda_path(unfinished, "lowrank")[:2] == ((0.5, None), False)
     # the top of the path qualifies: the path goes on upward before the choice is final
     flat = path_runs({x: 40.0 for x in report.PATH_LAMBDAS})
     chosen, final, lines = report.choose_lambda_path(flat, "lowrank")
-    assert (chosen, final) == (0.9, False) and "goes on upward" in lines[-1]
+    assert (chosen, final) == ((0.9, None), False) and "goes on upward" in lines[-1]
     extended = flat + path_runs({1.2: 39.0, 1.5: 20.0})
-    assert report.choose_lambda_path(extended, "lowrank")[:2] == (1.2, True)
+    assert report.choose_lambda_path(extended, "lowrank")[:2] == ((1.2, None), True)
+
+
+def test_a_settled_tail_variant_is_one_more_candidate_under_the_same_rule(report):
+    scores = {0.0: 40.0, 0.1: 41.0, 0.3: 40.5, 0.5: 41.5, 0.7: 40.0, 0.9: 30.0}
+    plain = path_runs(scores)
+    # the variant keeps lambda 0.7's Dice with fewer components: the sparsest candidate within noise
+    settled = plain + path_runs({0.7: 40.0}, tail=0.1, rank=100)
+    chosen, final, lines = report.choose_lambda_path(settled, "lowrank")
+    assert (chosen, final) == ((0.7, 0.1), True)
+    assert any(line.startswith("λ 0.7 with freeze_tail 0.1: mean volume Dice 40.00") for line in lines)
+    # more than the noise below the best: not a candidate, whatever its sparsity
+    assert report.choose_lambda_path(plain + path_runs({0.7: 39.0}, tail=0.1, rank=1), "lowrank")[0] == (0.7, None)
+    # started but unfinished: the choice waits for it
+    started = path_runs({0.7: 40.0}, tail=0.1)[0]
+    started.pop("finished")
+    assert report.choose_lambda_path([*plain, started], "lowrank")[1] is False
 
 
 def lambda_runs():

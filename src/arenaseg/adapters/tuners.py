@@ -246,7 +246,10 @@ class Arena(AdaptedModel):
         if tail is None:
             return None
         if total is None:
-            raise ValueError("freeze_tail needs AdaptOptions.total_steps: the tail is a fraction of the schedule")
+            raise ValueError(
+                f"ARENA's freeze_tail ({tail:g}) is a fraction of the schedule: set AdaptOptions.total_steps to the "
+                "number of training steps, or freeze_tail=None"
+            )
         return total - round(tail * total) + 1
 
     def progress(self) -> dict:

@@ -93,7 +93,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="address of an existing Ray cluster (default: none: a local Ray instance when --workers > 1)",
     )
     add_training(p)
-    add_arguments(p, AdaptOptions, ["lam"])
+    add_arguments(p, AdaptOptions, ["lam", "freeze_tail"])
     p.add_argument(
         "--novel-decoder",
         default=BTCV.track("novel").decoder,
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "model": preset_model(args.preset, args.model),
         "train": training_from(args),
-        "options": {"lam": args.lam},
+        "options": {"lam": args.lam, "freeze_tail": args.freeze_tail},
         "preprocess": preprocess_from(args),
         "cache_dir": args.cache_dir,
         "device": args.device,
