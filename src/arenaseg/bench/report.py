@@ -515,11 +515,12 @@ def plot_dice_vs_params(
     if not points:
         return None
     zero = organ_mean(rows, ZERO_SHOT, 0, organs, "mean_dice")
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
+    colours = {}  # a method's λ path takes its marker's colour
     for method, params, dice in points:
-        ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3)
-        ax.annotate(method, (params, dice.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        bars = ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3, label=method)
+        colours[method] = bars[0].get_color()
     for name in sorted({r.name for r in rows if r.method == "arena"}):
         line = [
             (lam, params, dice.mean)
@@ -529,14 +530,19 @@ def plot_dice_vs_params(
         ]
         if len(line) >= 2:
             ax.plot(
-                [p for _, p, _ in line], [d for _, _, d in line], linestyle="--", marker=".", label=f"{name}, λ path"
+                [p for _, p, _ in line],
+                [d for _, _, d in line],
+                linestyle="--",
+                marker=".",
+                color=colours.get(name),
+                label=f"{name}, λ path",
             )
             for lam, params, dice in line:
                 ax.annotate(f"λ {lam:g}", (params, dice), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if zero:
         ax.axhline(zero.mean, color="grey", linestyle="--", label=f"zero-shot ({zero.mean:.1f})")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    # a legend beside the axes, not labels on them: the markers of similar methods overlap
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel("trainable parameters kept (after ARENA's pruning)")
