@@ -16,8 +16,8 @@
 # the finished cells go to (default COMMITTED); ONLY: space-separated grid methods, the others are skipped
 # (default: every method; e.g. ONLY="adalora-r16 lora-r16" while a choice ARENA's cells depend on is open); DEADLINE
 # (epoch seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
-# when the slowest committed cell of its track and method took longer than the time left (a half-run cell is lost
-# where WORK does not outlive the session).
+# when the slowest cell of its track and method in DEST (else in COMMITTED) took longer than the time left (a half-run
+# cell is lost where WORK does not outlive the session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
@@ -45,11 +45,18 @@ cells() {  # track organ method, one per line
   done
 }
 
-slowest() {  # track method: the longest wall time in seconds of its committed cells, 0 if none
+slowest() {  # track method: the longest wall time in seconds of its cells in DEST (at these settings), else of its
+  # cells in COMMITTED, 0 if none
   "$PYTHON" -c 'import sys
+from pathlib import Path
 from arenaseg.bench.results import read_results
-walls = [r.wall_s or 0 for r in read_results(sys.argv[1]) if r.track == sys.argv[2] and r.name == sys.argv[3]]
-print(round(max(walls, default=0)))' "$COMMITTED/results.csv" "$1" "$2"
+for folder in sys.argv[1:3]:
+    csv = Path(folder) / "results.csv"
+    rows = read_results(csv) if csv.is_file() else []
+    walls = [r.wall_s or 0 for r in rows if r.track == sys.argv[3] and r.name == sys.argv[4]]
+    if walls:
+        break
+print(round(max(walls, default=0)))' "$DEST" "$COMMITTED" "$1" "$2"
 }
 
 running() {  # how many cells hold their lock, in any instance
