@@ -14,7 +14,9 @@
 # Usage: BENCH_ARGS="$(python benchmarks/probe_report.py --bench-arguments)" JOBS=2 bash benchmarks/cpu_grid.sh
 # DATA: the btcv30 folder (default ../shared/data/btcv30); WORK (default runs/cpu-grid); DEST: the results folder
 # the finished cells go to (default COMMITTED); ONLY: space-separated grid methods, the others are skipped
-# (default: every method; e.g. ONLY="adalora-r16 lora-r16" while a choice ARENA's cells depend on is open); DEADLINE
+# (default: every method; e.g. ONLY="adalora-r16 lora-r16" while a choice ARENA's cells depend on is open); ORGANS:
+# the same for organs (e.g. ARENA r64's λ path on two organs: ONLY=arena-r64 ORGANS="stomach pancreas", with
+# "--lam 0.3" after the probe's choices in BENCH_ARGS and a WORK and DEST of its own); DEADLINE
 # (epoch seconds): running cells are interrupted there (they resume later if WORK survives), and a cell does not start
 # when the slowest cell of its track and method in DEST (else in COMMITTED) took longer than the time left (a half-run
 # cell is lost where WORK does not outlive the session).
@@ -92,6 +94,7 @@ exec 8>"$WORK/logs/slots.mutex"
 cells | {
   while read -r track organ method seed; do
     [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $method "* ]] || continue
+    [ -z "${ORGANS:-}" ] || [[ " $ORGANS " == *" $organ "* ]] || continue
     # count and start under one lock, so that two instances never both take the last free slot
     until flock 8 && [ "$(running)" -lt "$JOBS" ]; do flock -u 8; sleep 10; done
     start "$track" "$organ" "$method" "$seed"
