@@ -152,6 +152,14 @@ def importance_scores(adapted) -> dict[tuple[str, str], torch.Tensor]:
     return {(key, name): t for key in keys for name, t in getattr(allocator, key).items()}
 
 
+def adalora_budgets(adapted) -> list[tuple[torch.nn.Module, int]]:
+    """(AdaLoRA layer, its unmasked triplets), read from PEFT's own rank pattern (masks keyed by lora_E's name)."""
+    tuner = adapted.model.base_model
+    modules = dict(tuner.model.named_modules())
+    pattern = tuner.peft_config["default"].rank_pattern
+    return [(modules[name.split(".lora_E")[0]], sum(mask)) for name, mask in pattern.items()]
+
+
 @pytest.mark.parametrize("method", ["arena", "adalora"])
 def test_resume_after_kill_reaches_the_uninterrupted_tensors(method, phantoms, tiny_foundation, tmp_path, monkeypatch):
     """Killed after its step-2 checkpoint and resumed, a run ends on the uninterrupted run's tensors. AdaLoRA masks
@@ -199,8 +207,16 @@ def test_resume_after_kill_reaches_the_uninterrupted_tensors(method, phantoms, t
         assert expected and expected.keys() == resumed.keys()
         for key, scores in expected.items():
             assert torch.equal(resumed[key], scores), key
-        totals = json.loads((full / "run.json").read_text())["rank_report"]["totals"]
+        record = json.loads((full / "run.json").read_text())
+        totals = record["rank_report"]["totals"]
         assert totals["active_rank"] < totals["initial_rank"]  # the scores did mask components
+        # the parameters kept leave out each masked triplet: a row of A, a column of B and its singular value
+        masked = sum(
+            (layer.r["default"] - budget) * (layer.lora_A["default"].shape[1] + layer.lora_B["default"].shape[0] + 1)
+            for layer, budget in adalora_budgets(uninterrupted)
+        )
+        assert masked > 0
+        assert record["active_params"] == record["trainable_params"] - masked
 
 
 def _fails(capsys, args, *fragments):

@@ -407,7 +407,7 @@ def _adapt(job: AdaptJob, folder: RunFolder) -> RunRecord:
         zero_shot_head_row=row[0] if row else None,
         data=str(data.root),
         trainable_params=trainable_while_training,
-        active_params=trainable_while_training and adapted.trainable_params,
+        active_params=trainable_while_training and adapted.trainable_params - report["totals"]["masked_params"],
         total_params=adapted.total_params,
         steps_done=result.steps_done,
         stopped_early=result.stopped_early,

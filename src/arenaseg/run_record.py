@@ -75,7 +75,7 @@ class RunRecord:
     test_cases: list[str] = field(default_factory=list)
     # the adapter
     trainable_params: int | None = None  # while training (0 for zero-shot)
-    active_params: int | None = None  # after ARENA's pruning; equal to trainable_params for the other methods
+    active_params: int | None = None  # what changes the model: after ARENA's pruning, within AdaLoRA's budget
     total_params: int | None = None
     adapter_bytes: int | None = None
     adapter_sha256: str | None = None  # predict refuses an adapter put in the run's place

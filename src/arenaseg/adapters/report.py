@@ -8,7 +8,9 @@ Every low-rank method is reported in the same terms so that tables compare like 
   unmasked triplets; LoRA, DoRA, PiSSA: the fixed rank);
 - ``full_rank``: min(in, out) of the layer's update, the most independent components any rank can give it (a
   small layer adapted at a large rank holds redundant components, active or not);
-- ``params``: the adapter parameters that the active components need (DoRA adds its magnitude vector).
+- ``params``: the adapter parameters that the active components need (DoRA adds its magnitude vector);
+- ``masked_params``: the trainable parameters of allocated but inactive components (ARENA before it is pruned,
+  AdaLoRA's masked triplets): they change nothing, so the parameters a method keeps are its trainable ones minus these.
 
 The totals add ``usable_rank``, the sum over layers of min(active_rank, full_rank).
 """
@@ -47,6 +49,7 @@ def _arena_entry(layer: ArenaLayer) -> dict:
         "active_rank": active,
         "full_rank": _full_rank(*shapes),
         "params": active * (_per_component(*shapes) + 1),  # + its gate v
+        "masked_params": (layer.arena_v.numel() - active) * (_per_component(*shapes) + 1),
     }
 
 
@@ -62,6 +65,7 @@ def _adalora_entry(layer: AdaLoraLayer, budget: int | None) -> dict:
         "active_rank": active,
         "full_rank": _full_rank(tuple(a.shape), tuple(b.shape)),
         "params": active * per,
+        "masked_params": (rank - active) * per,
     }
 
 
@@ -79,6 +83,7 @@ def _lora_entry(layer: LoraLayer) -> dict:
         "active_rank": rank,
         "full_rank": _full_rank(tuple(a.shape), tuple(b.shape)),
         "params": params,
+        "masked_params": 0,
     }
 
 
@@ -97,7 +102,7 @@ def rank_report(model: nn.Module, budgets: Mapping[str, int] | None = None) -> d
             layers[name] = _adalora_entry(module, budgets.get(name))
         elif isinstance(module, LoraLayer):
             layers[name] = _lora_entry(module)
-    keys = ("initial_rank", "allocated_rank", "active_rank", "full_rank", "params")
+    keys = ("initial_rank", "allocated_rank", "active_rank", "full_rank", "params", "masked_params")
     totals = {key: sum(entry[key] for entry in layers.values()) for key in keys}
     totals["usable_rank"] = sum(min(e["active_rank"], e["full_rank"]) for e in layers.values())
     return {"layers": layers, "totals": {"layers": len(layers), **totals}}

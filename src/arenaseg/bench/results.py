@@ -59,7 +59,7 @@ class ResultRow:
     mean_hd95_lcc: float | None = None
     mean_nsd_lcc: float | None = None
     trainable_params: int | None = None
-    active_params: int | None = None  # trainable after ARENA's pruning (the others: all of them)
+    active_params: int | None = None  # what changes the model: after ARENA's pruning, within AdaLoRA's budget
     active_rank_total: int | None = None
     active_adapter_params: int | None = None
     adapter_bytes: int | None = None
