@@ -7,7 +7,7 @@
 #   phases, in the default order: budget novel lambda lambda-novel lambda-rest, the runs the choices need
 #   (lambda-novel and lambda-rest run on the novel organ under the decoder policy that criterion 2 chose, so their
 #   runs wait until that choice is made, while later runs go ahead); on request, lambda-path (criterion 6) and
-#   ranks (no choice depends on it, and criterion 1 would count it)
+#   ranks (no choice depends on it, and criterion 1 would count it), adalora (criterion 4 for AdaLoRA)
 # On a lent GPU: benchmarks/gpu_v2.sh probe (JOBS=16 DEVICE=cuda). DATA: the btcv30 folder (default ../shared/data);
 # DEADLINE (epoch seconds): no run starts after it, and running ones are interrupted there (they resume later).
 # JOBS counts every probe run on the machine, this script's or not, so a restarted script does not overload it.
@@ -46,6 +46,10 @@ runs() {
         for lam in 0.5 0.9 0.7; do for m in "right_kidney --method arena-r64" "right_kidney --method arena-r16" \
             "pancreas --method arena-r64 --decoder lowrank" "pancreas --method arena-r16 --decoder lowrank"; do
           echo "--organ $m --lam $lam"; done; done ;;
+      adalora)  # criterion 4 for AdaLoRA, the one grid family that criterion 1's runs left out; under the low-rank
+        # decoder policy PEFT's AdaLoRA trains the decoder in full
+        echo "--organ right_kidney --method adalora-r16"
+        echo "--organ pancreas --method adalora-r16 --decoder lowrank" ;;
       ranks)  # LoRA and ARENA over the rank range on the base organ (no choice depends on these)
         for m in lora-r16 lora-r4 "arena-r4 --lam $V1_LAM"; do
           echo "--organ right_kidney --method $m"; done ;;
