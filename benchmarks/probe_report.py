@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from arenaseg.adapters.factory import decoder_for
 from arenaseg.train.loop import PlateauStop
 
 RULES = tuple((p, d) for p in (25, 50) for d in (1e-3, 1e-2))  # (patience, min_delta) of PlateauStop, EMA 0.9
@@ -33,6 +34,8 @@ PATH_EXTENSION = (1.2, 1.5)
 TAIL_VARIANTS = ((0.7, 0.1),)  # criterion 6's settled-tail variants: (lambda, freeze_tail)
 NOISE = 1.73  # criterion 6: one standard deviation of a two-organ probe score, from the v2 grid's seed spread
 BASE_ORGAN, NOVEL_ORGAN = "right_kidney", "pancreas"
+# Criterion 1's families; its choice was final (4544998) before AdaLoRA's probe runs, which criterion 4 alone reads
+BUDGET_FAMILIES = ("lp", "fft", "lora", "arena")
 
 
 def stop_step(losses: list[float], patience: int, min_delta: float) -> int | None:
@@ -163,10 +166,11 @@ def choose_decoder(runs: list[dict]) -> tuple[str | None, list[str]]:
     return chosen, [f"{p}: mean volume Dice {dice[p]:.1f}, {params[p]:,.0f} trainable" for p in POLICIES]
 
 
-def counted_runs(runs: list[dict], chosen_decoder: str) -> list[dict]:
-    """The runs criteria 1 and 4 count: every finished base-organ run, the novel organ's under the chosen policy."""
-    counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1]
-    return [r for r in counted if r["track"] == "base" or decoder(r) in (None, chosen_decoder)]
+def counted_runs(runs: list[dict], chosen_decoder: str, families: tuple[str, ...] = BUDGET_FAMILIES) -> list[dict]:
+    """The runs criteria 1 and 4 count: every finished base-organ run of ``families``, the novel organ's under the
+    policy each family runs by when the chosen one is asked of all (full for AdaLoRA: it cannot wrap a Conv3d)."""
+    counted = [r for r in runs if "finished" in r and len(r["patch_dice"]) > 1 and family(r) in families]
+    return [r for r in counted if r["track"] == "base" or decoder(r) in (None, decoder_for(family(r), chosen_decoder))]
 
 
 def check_learning_rates(runs: list[dict], chosen_decoder: str | None, cap: int | None) -> tuple[str | None, list]:
@@ -175,7 +179,7 @@ def check_learning_rates(runs: list[dict], chosen_decoder: str | None, cap: int 
     then. Otherwise that family's lr needs the 3x probe, and the choice waits for it."""
     if cap is None:
         return None, ["waits for the step budget (criterion 1)"]
-    counted = counted_runs(runs, chosen_decoder)
+    counted = counted_runs(runs, chosen_decoder, (*BUDGET_FAMILIES, "adalora"))
     late = {
         f"{r['organ']} {r['method']}": family(r)
         for r in counted
