@@ -89,6 +89,17 @@ def test_learning_rates_stay_unless_a_family_s_loss_still_falls_at_the_cap(repor
     assert report.check_learning_rates([flat], "lowrank", None)[0] is None
 
 
+def test_adalora_s_runs_are_read_by_criterion_4_alone(report):
+    flat = run("right_kidney", "fft", [[100, 60.0], [200, 60.0], [300, 60.0]])
+    # AdaLoRA cannot wrap a Conv3d: under the lowrank policy its novel-organ run trains the decoder in full
+    adalora = run("pancreas", "adalora-r16", [[100, 20.0], [200, 10.0], [300, 30.0]], decoder="full")
+    adalora["loss"] = [1.0 - 0.003 * i for i in range(300)]
+    value, lines = report.check_learning_rates([flat, adalora], "lowrank", 300)
+    assert value is None and "probe lr 3x for adalora" in lines[0]
+    # its patch Dice is 20 points short at cap 200, yet criterion 1, final before it ran, does not count it
+    assert report.choose_budget([flat, adalora], "lowrank")[0] == 100
+
+
 def arena(organ, decoder, dice16, dice64, lam, loss16=0.5, tail=None, rank=None):
     rank = round(1000 * (1 - lam)) if rank is None else rank  # sparser with lambda, as every probe run is
     return [
