@@ -108,7 +108,10 @@ def main() -> None:
     options = AdaptOptions(total_steps=settings.steps, **{k: v for k, v in given.items() if v is not None})
     name = f"{organ}-{args.method}" + (f"-lam{options.lam:g}" if method == "arena" else "")
     name += f"-tail{options.freeze_tail:g}" if method == "arena" and options.freeze_tail else ""
-    name += (f"-dec{options.decoder}" if options.decoder != "frozen" else "") + args.tag
+    name += f"-dec{options.decoder}" if options.decoder != "frozen" else ""
+    name += f"-lr{settings.lr:g}" if settings.lr != defaults.lr else ""
+    name += f"-head{settings.head_lr_scale:g}" if settings.head_lr_scale != defaults.head_lr_scale else ""
+    name += args.tag
     out = Path(args.out) / f"{name}.json"
     checkpoint = out.with_suffix(".checkpoint.pt")  # beside the JSON, ignored by git: a killed probe resumes
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,8 @@ def main() -> None:
         raise SystemExit(f"{out} is being run by another process: nothing to do") from None
     earlier = json.loads(out.read_text()) if out.is_file() else None
     if earlier and "finished" in earlier:
+        if any(earlier["train"][key] != getattr(settings, key) for key in ("steps", "lr", "head_lr_scale")):
+            raise SystemExit(f"{out} was finished with other settings: delete it to run it anew")
         raise SystemExit(f"{out} is finished already: nothing to do")
     _, adapted, options, row = build_adapted(args.model, organ, method, options, 0, args.track)
     adapted.model.to(resolve_device(args.device))
