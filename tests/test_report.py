@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from arenaseg.bench.grid import BASE_ORGANS, PROTOCOL, RESULTS_FILE, cell_dir, rebuild_results
-from arenaseg.bench.report import MISSING, full_ranks, learned_ranks, write_report
+from arenaseg.bench.report import MISSING, full_ranks, learned_ranks, method_style, write_report
 from arenaseg.bench.results import ResultRow, parse_method, read_results
 from arenaseg.cli import main
 from arenaseg.utils.errors import UserError
@@ -532,3 +532,13 @@ def test_an_old_results_csv_reads_as_the_new_one(bench, tmp_path):
 def parse_name(row: dict) -> str:
     """The method column as results.csv spelt it before the rank column: ``arena-r16``."""
     return row["method"] + (f"-r{row['rank']}" if row["rank"] else "")
+
+
+def test_a_method_looks_the_same_in_every_plot_colour_by_family_marker_by_rank():
+    grid = ["lp", "fft", "scratch", *(f"{m}-r{r}" for m in ("lora", "arena", "adalora") for r in (4, 16, 64))]
+    styles = {name: method_style(name) for name in grid}
+    for name, style in styles.items():
+        family, rank = parse_method(name)
+        same_family = {other for other in grid if parse_method(other)[0] == family}
+        assert {n for n in grid if styles[n]["color"] == style["color"]} == same_family
+        assert {n for n in same_family if styles[n]["marker"] == style["marker"]} == {name}

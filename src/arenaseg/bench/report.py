@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from arenaseg.adapters.factory import METHODS
 from arenaseg.bench.grid import (
     BASE_ORGANS,
     BTCV_ORGAN_ORDER,
@@ -31,8 +32,8 @@ from arenaseg.bench.grid import (
     cell_dir,
     rebuild_results,
 )
-from arenaseg.bench.results import ResultRow, method_name, read_results
-from arenaseg.pipeline import RUN_FILE
+from arenaseg.bench.results import ResultRow, method_name, parse_method, read_results
+from arenaseg.pipeline import REFERENCE_METHODS, RUN_FILE
 from arenaseg.run_record import RunRecord
 from arenaseg.train.loop import SUPPORT_LOSS_STEPS
 from arenaseg.utils.atomic import atomic_path, write_text
@@ -42,6 +43,7 @@ from arenaseg.utils.precision import DEFAULT_PRECISION
 REPORT_FILE, PLOTS_DIR = "report.md", "plots"
 MISSING = "–"
 RANK_FAMILIES = {"lora": "LoRA", "arena": "ARENA"}
+RANK_MARKERS = {4: "v", 16: "s", 64: "o"}  # the grid's ranks; a rank-free method is a circle too
 RANK_K = 5  # BENCHMARK.md: rank robustness at k = 5; the learned-rank and Dice-vs-parameters plots follow it
 ZERO_SHOT = "zero-shot"  # one cell per organ at k = 0: the first row of every k's table
 TRACK_ORDER = ("base", "novel")
@@ -460,6 +462,11 @@ def table_efficiency(rows: Sequence[ResultRow], methods: list[str]) -> str:
     return markdown_table(header, columns)
 
 
+def _over(organs: Sequence[str]) -> str:
+    """An axis label's organs: the one organ, or how many a mean is over."""
+    return organs[0] if len(organs) == 1 else f"mean over {len(organs)} organs"
+
+
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
@@ -471,27 +478,44 @@ def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, 
     """LoRA and ARENA Dice (mean over ``organs``) against the initial rank at k = RANK_K, seed std as bars."""
     ranks = _family_ranks(rows)
     lines = {}
-    for family, label in RANK_FAMILIES.items():
+    for family in RANK_FAMILIES:
         points = [(r, s) for r in ranks if (s := organ_mean(rows, method_name(family, r), RANK_K, organs, "mean_dice"))]
         if points:
-            lines[label] = points
+            lines[family] = points
     if not lines:
         return None
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
-    for label, points in lines.items():
-        x = [r for r, _ in points]
+    for family, points in lines.items():
         ax.errorbar(
-            x, [s.mean for _, s in points], yerr=[s.std or 0 for _, s in points], marker="o", capsize=3, label=label
+            [r for r, _ in points],
+            [s.mean for _, s in points],
+            yerr=[s.std or 0 for _, s in points],
+            marker="o",
+            capsize=3,
+            label=RANK_FAMILIES[family],
+            color=family_colour(family),
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_title(f"{title}, k={RANK_K}")
     ax.set_xlabel("initial rank r")
-    ax.set_ylabel(f"Dice (%), mean over {len(organs)} organs")
+    ax.set_ylabel(f"Dice (%), {_over(organs)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def family_colour(family: str) -> str:
+    """A method family's colour, the same in every plot (zero-shot is a grey line)."""
+    families = [m for m in (*METHODS, *REFERENCE_METHODS) if m != ZERO_SHOT]
+    return f"C{families.index(family) % 10}"
+
+
+def method_style(name: str) -> dict[str, str]:
+    """A grid method's colour and marker in every plot: the colour tells the family, the marker the rank."""
+    family, rank = parse_method(name)
+    return {"color": family_colour(family), "marker": RANK_MARKERS.get(rank, "o")}
 
 
 def plot_dice_vs_params(
@@ -517,10 +541,10 @@ def plot_dice_vs_params(
     zero = organ_mean(rows, ZERO_SHOT, 0, organs, "mean_dice")
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    colours = {}  # a method's λ path takes its marker's colour
     for method, params, dice in points:
-        bars = ax.errorbar(params, dice.mean, yerr=dice.std or 0, marker="o", capsize=3, label=method)
-        colours[method] = bars[0].get_color()
+        lams = sorted({r.lam for r in rows if r.name == method and r.lam is not None})
+        label = method + "".join(f", λ {lam:g}" for lam in lams)
+        ax.errorbar(params, dice.mean, yerr=dice.std or 0, capsize=3, label=label, **method_style(method))
     for name in sorted({r.name for r in rows if r.method == "arena"}):
         line = [
             (lam, params, dice.mean)
@@ -533,12 +557,14 @@ def plot_dice_vs_params(
                 [p for _, p, _ in line],
                 [d for _, _, d in line],
                 linestyle="--",
-                marker=".",
-                color=colours.get(name),
+                markersize=4,
                 label=f"{name}, λ path",
+                **method_style(name),
             )
+            own = {r.lam for r in rows if r.name == name}  # the method's marker, named in the legend
             for lam, params, dice in line:
-                ax.annotate(f"λ {lam:g}", (params, dice), textcoords="offset points", xytext=(4, -10), fontsize=7)
+                if lam not in own:
+                    ax.annotate(f"λ {lam:g}", (params, dice), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if zero:
         ax.axhline(zero.mean, color="grey", linestyle="--", label=f"zero-shot ({zero.mean:.1f})")
     # a legend beside the axes, not labels on them: the markers of similar methods overlap
@@ -546,7 +572,7 @@ def plot_dice_vs_params(
     ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel("trainable parameters kept (after ARENA's pruning)")
-    ax.set_ylabel(f"Dice (%), k={RANK_K}, mean over {len(organs)} organs")
+    ax.set_ylabel(f"Dice (%), k={RANK_K}, {_over(organs)}")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
