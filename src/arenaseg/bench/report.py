@@ -474,6 +474,18 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def family_colour(family: str) -> str:
+    """A method family's colour, the same in every plot (zero-shot is a grey line)."""
+    families = [m for m in (*METHODS, *REFERENCE_METHODS) if m != ZERO_SHOT]
+    return f"C{families.index(family) % 10}"
+
+
+def method_style(name: str) -> dict[str, str]:
+    """A grid method's colour and marker in every plot: the colour tells the family, the marker the rank."""
+    family, rank = parse_method(name)
+    return {"color": family_colour(family), "marker": RANK_MARKERS.get(rank, "o")}
+
+
 def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, path: Path) -> Path | None:
     """LoRA and ARENA Dice (mean over ``organs``) against the initial rank at k = RANK_K, seed std as bars."""
     ranks = _family_ranks(rows)
@@ -504,18 +516,6 @@ def plot_dice_vs_rank(rows: Sequence[ResultRow], organs: list[str], title: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-def family_colour(family: str) -> str:
-    """A method family's colour, the same in every plot (zero-shot is a grey line)."""
-    families = [m for m in (*METHODS, *REFERENCE_METHODS) if m != ZERO_SHOT]
-    return f"C{families.index(family) % 10}"
-
-
-def method_style(name: str) -> dict[str, str]:
-    """A grid method's colour and marker in every plot: the colour tells the family, the marker the rank."""
-    family, rank = parse_method(name)
-    return {"color": family_colour(family), "marker": RANK_MARKERS.get(rank, "o")}
 
 
 def plot_dice_vs_params(
